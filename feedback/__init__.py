@@ -1,0 +1,1 @@
+"""Conversation log, ratings, PII redaction and dataset export (the loop's memory)."""

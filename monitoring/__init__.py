@@ -1,0 +1,1 @@
+"""Prometheus metrics, A/B statistics, dashboards and alert sources."""

@@ -1,0 +1,1 @@
+"""Active-learning selection, dataset building, TRL training and the evaluation gate."""

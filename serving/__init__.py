@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible API on vLLM, model versions (LoRA adapters) and routing."""

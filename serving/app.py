@@ -1,0 +1,79 @@
+"""The FastAPI application: `create_app(settings)` builds it, the lifespan owns the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from serving.adapters import AdapterSet
+from serving.chat import ChatService
+from serving.engine.base import ChatEngine
+from serving.errors import install_error_handlers
+from serving.routes import admin, chat, health, models
+from serving.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+async def _start_engine(app: FastAPI) -> None:
+    """Load the model, then the configured adapters; the server answers probes meanwhile."""
+    state = app.state
+    try:
+        await state.engine.start()
+        for name, path in state.settings.adapters.items():
+            await state.adapters.load(name, path)
+        state.adapters.set_active(state.settings.active_model)
+    except Exception as exc:
+        logger.exception("engine start failed")
+        state.engine_error = f"{type(exc).__name__}: {exc}"
+        if state.exit_on_engine_failure:
+            # Let the supervisor (systemd, Kubernetes) restart the process.
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: ChatEngine | None = None,
+    exit_on_engine_failure: bool = True,
+) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine is None:
+            from serving.engine.vllm_engine import VLLMEngine
+
+            app.state.engine = VLLMEngine(settings)
+        else:
+            app.state.engine = engine
+        app.state.adapters = AdapterSet(app.state.engine)
+        app.state.chat = ChatService(app.state.engine, app.state.adapters)
+        app.state.engine_error = None
+        app.state.exit_on_engine_failure = exit_on_engine_failure
+        starting = asyncio.create_task(_start_engine(app))
+        try:
+            yield
+        finally:
+            starting.cancel()
+            await app.state.engine.shutdown()
+
+    app = FastAPI(
+        title="loopchat",
+        summary="OpenAI-compatible chat serving with a feedback loop.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(chat.router)
+    if settings.admin_token is not None:
+        app.include_router(admin.router)
+    return app

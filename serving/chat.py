@@ -1,0 +1,200 @@
+"""Chat completions: validate against the model, pick the version, run the engine, shape output.
+
+Transport (FastAPI) stays in routes/chat.py; this module holds the logic and the OpenAI wire
+format of results, streamed (SSE chunks) or whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
+from serving.engine.base import ChatEngine, InvalidPromptError, SamplingOptions
+from serving.errors import APIError, bad_request
+from serving.protocol import ChatCompletionRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PreparedChat:
+    """A validated request, ready for the engine."""
+
+    completion_id: str
+    conversation_id: str
+    version: ModelVersion
+    prompt_token_ids: list[int]
+    options: SamplingOptions
+    created: int
+    include_usage: bool = False
+
+
+@dataclass(slots=True)
+class CompletionResult:
+    """What a finished (or cancelled) completion produced, with its timings."""
+
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def new_conversation_id() -> str:
+    return f"conv-{uuid.uuid4().hex}"
+
+
+class ChatService:
+    def __init__(self, engine: ChatEngine, adapters: AdapterSet) -> None:
+        self._engine = engine
+        self._adapters = adapters
+
+    def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+        """Every check that can fail on the client's input, before the engine sees it."""
+        try:
+            version = self._adapters.resolve(request.model)
+        except UnknownModelError:
+            raise APIError(
+                404,
+                f"The model `{request.model}` does not exist.",
+                param="model",
+                code="model_not_found",
+            ) from None
+
+        messages = [{"role": m.template_role(), "content": m.text()} for m in request.messages]
+        try:
+            prompt_ids = self._engine.render_chat(messages)
+        except InvalidPromptError as exc:
+            raise bad_request(str(exc), param="messages") from exc
+
+        context = self._engine.max_model_len
+        prompt_len = len(prompt_ids)
+        if prompt_len >= context:
+            raise bad_request(
+                f"This model's maximum context length is {context} tokens, but the messages "
+                f"take {prompt_len} tokens. Shorten the conversation.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        requested = request.requested_max_tokens
+        if requested is not None and prompt_len + requested > context:
+            param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+            raise bad_request(
+                f"This model's maximum context length is {context} tokens. The messages take "
+                f"{prompt_len} tokens and {param} asks for {requested}; at most "
+                f"{context - prompt_len} completion tokens fit.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        max_tokens = requested if requested is not None else context - prompt_len
+        options = SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=tuple(request.stop or ()),
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
+            min_tokens=min(request.min_tokens, max_tokens),
+            sampled_logprobs=True,
+        )
+        metadata = request.metadata or {}
+        return PreparedChat(
+            completion_id=new_completion_id(),
+            conversation_id=metadata.get("conversation_id") or new_conversation_id(),
+            version=version,
+            prompt_token_ids=prompt_ids,
+            options=options,
+            created=int(time.time()),
+            include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        )
+
+    async def _run(self, chat: PreparedChat, result: CompletionResult) -> AsyncIterator[str]:
+        """Engine output as text deltas, filling `result` as it goes."""
+        stream = self._engine.generate(
+            chat.completion_id, chat.prompt_token_ids, chat.options, chat.version.adapter
+        )
+        try:
+            async for chunk in stream:
+                if chunk.token_ids and result.first_token_at is None:
+                    result.first_token_at = time.perf_counter()
+                result.completion_tokens += len(chunk.token_ids)
+                result.logprobs.extend(chunk.logprobs)
+                if chunk.finish_reason is not None:
+                    result.finish_reason = chunk.finish_reason
+                if chunk.text:
+                    result.text += chunk.text
+                    yield chunk.text
+        except InvalidPromptError as exc:
+            raise bad_request(str(exc)) from exc
+        finally:
+            result.finished_at = time.perf_counter()
+            if result.finish_reason is None:
+                result.finish_reason = "abort"
+
+    async def complete(self, chat: PreparedChat) -> tuple[dict, CompletionResult]:
+        result = CompletionResult()
+        async for _ in self._run(chat, result):
+            pass
+        body = {
+            "id": chat.completion_id,
+            "object": "chat.completion",
+            "created": chat.created,
+            "model": chat.version.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "logprobs": None,
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": _usage(chat, result),
+            "system_fingerprint": None,
+        }
+        return body, result
+
+    async def stream(self, chat: PreparedChat, result: CompletionResult) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        usage_field = ',"usage":null' if chat.include_usage else ""
+        # id, created and model never change within a stream: format that part once.
+        head = (
+            f'data: {{"id":"{chat.completion_id}","object":"chat.completion.chunk",'
+            f'"created":{chat.created},"model":{json.dumps(chat.version.name)},'
+            f'"system_fingerprint":null,"choices":[{{"index":0,"delta":'
+        )
+        tail = f',"logprobs":null,"finish_reason":null}}]{usage_field}}}\n\n'
+        yield f'{head}{{"role":"assistant","content":""}}{tail}'
+        async for text in self._run(chat, result):
+            yield f'{head}{{"content":{json.dumps(text)}}}{tail}'
+        finish = json.dumps(result.finish_reason)
+        yield (
+            f'{head}{{}},"logprobs":null,"finish_reason":{finish}}}]{usage_field}}}\n\n'
+        )
+        if chat.include_usage:
+            usage = json.dumps(_usage(chat, result), separators=(",", ":"))
+            yield (
+                f'data: {{"id":"{chat.completion_id}","object":"chat.completion.chunk",'
+                f'"created":{chat.created},"model":{json.dumps(chat.version.name)},'
+                f'"system_fingerprint":null,"choices":[],"usage":{usage}}}\n\n'
+            )
+        yield "data: [DONE]\n\n"
+
+
+def _usage(chat: PreparedChat, result: CompletionResult) -> dict[str, int]:
+    prompt = len(chat.prompt_token_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": prompt + result.completion_tokens,
+    }

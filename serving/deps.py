@@ -1,0 +1,66 @@
+"""FastAPI dependencies: what route handlers get from app.state, as short Annotated aliases."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from serving.adapters import AdapterSet
+from serving.chat import ChatService
+from serving.engine.base import ChatEngine
+from serving.errors import APIError
+from serving.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> ChatEngine:
+    return request.app.state.engine
+
+
+def require_ready(request: Request) -> None:
+    if not request.app.state.engine.ready:
+        raise APIError(
+            503,
+            "The model is still loading; retry shortly.",
+            code="engine_not_ready",
+            headers={"Retry-After": "5"},
+        )
+
+
+def get_adapters(request: Request) -> AdapterSet:
+    return request.app.state.adapters
+
+
+def get_chat_service(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require_admin(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    token = request.app.state.settings.admin_token
+    if credentials is None:
+        raise APIError(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    # Constant-time comparison: the token is a secret.
+    if token is None or not hmac.compare_digest(
+        credentials.credentials.encode(), token.get_secret_value().encode()
+    ):
+        raise APIError(403, "invalid admin token")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[ChatEngine, Depends(get_engine)]
+AdaptersDep = Annotated[AdapterSet, Depends(get_adapters)]
+ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
+ReadyDep = Depends(require_ready)
+AdminDep = Depends(require_admin)

@@ -1,0 +1,288 @@
+"""ChatEngine on vLLM's async engine (AsyncLLM), in the server process, with LoRA enabled.
+
+vLLM runs its engine core in a child process (spawned), so whatever program starts it needs an
+`if __name__ == "__main__":` guard. The chat template is applied here with the model's own
+tokenizer and the token ids go to vLLM directly: the prompt length is known (and refused when
+too long) before anything reaches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from serving.engine.base import (
+    AdapterLoadError,
+    AdapterSpec,
+    EngineError,
+    EngineNotReady,
+    EngineStats,
+    GenerationChunk,
+    InvalidPromptError,
+    SamplingOptions,
+)
+from serving.settings import Settings
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a hard dependency of vllm
+        return False
+
+
+def configure_vllm_environment(settings: Settings, *, on_gpu: bool) -> None:
+    """Environment vLLM reads at import and start-up; must run before `import vllm`."""
+    settings.vllm_cache_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(settings.vllm_cache_dir))
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not on_gpu:
+        # Without an explicit KV size vLLM refuses to start on these CPUs.
+        kv_gib = settings.engine.kv_cache_space_gib
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_gib:g}")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def build_engine_args(settings: Settings, *, on_gpu: bool) -> Any:
+    """vLLM AsyncEngineArgs for these settings, with CPU or GPU defaults."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    eng = settings.engine
+    dtype = eng.dtype if eng.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    enforce_eager = eng.enforce_eager if eng.enforce_eager is not None else not on_gpu
+    kwargs: dict[str, Any] = dict(
+        model=str(settings.model_path),
+        tokenizer=str(settings.model_path),
+        served_model_name=[settings.model_name],
+        dtype=dtype,
+        enforce_eager=enforce_eager,
+        max_model_len=eng.max_model_len,
+        max_num_seqs=eng.max_num_seqs,
+        seed=eng.seed,
+        enable_lora=True,
+        max_loras=eng.max_loras,
+        max_lora_rank=eng.max_lora_rank,
+        max_cpu_loras=eng.max_cpu_loras,
+        tensor_parallel_size=eng.tensor_parallel_size,
+        # Our own stat logger collects what monitoring needs; vLLM's periodic log line is noise.
+        disable_log_stats=True,
+        enable_log_requests=False,
+    )
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = eng.gpu_memory_utilization
+    return AsyncEngineArgs(**kwargs)
+
+
+def _make_stat_logger_factory(sink: EngineStats) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _SchedulerStatsSink(StatLoggerBase):
+        """Copies the scheduler's numbers into `sink` after every engine step."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            if scheduler_stats is not None:
+                sink.running_requests = scheduler_stats.num_running_reqs
+                sink.waiting_requests = scheduler_stats.num_waiting_reqs
+                sink.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _SchedulerStatsSink
+
+
+class VLLMEngine:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._on_gpu = cuda_available()
+        self._engine: AsyncLLM | None = None
+        self._tokenizer: Any = None
+        self._stats = EngineStats()
+        self._max_model_len = settings.engine.max_model_len or 0
+        self._adapter_ids: set[int] = set()
+        self._ready = False
+
+    @property
+    def model_name(self) -> str:
+        return self._settings.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self._engine is not None and not self._engine.errored
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._on_gpu
+
+    async def start(self) -> None:
+        configure_vllm_environment(self._settings, on_gpu=self._on_gpu)
+        if not (self._settings.model_path / "config.json").is_file():
+            raise EngineError(
+                f"no model at {self._settings.model_path}; run `loopchat model prepare` "
+                "or set LOOPCHAT_BASE_MODEL to a Hugging Face model folder"
+            )
+        # Building the engine blocks for the model load; keep the event loop (health probes) free.
+        self._engine = await asyncio.to_thread(self._build)
+        self._tokenizer = self._engine.get_tokenizer()
+        self._max_model_len = self._engine.model_config.max_model_len
+        if self._settings.engine.warmup:
+            await self._warmup()
+        self._ready = True
+        logger.info(
+            "engine ready: %s (%s, max_model_len=%d)",
+            self.model_name,
+            "cuda" if self._on_gpu else "cpu",
+            self._max_model_len,
+        )
+
+    def _build(self) -> AsyncLLM:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = build_engine_args(self._settings, on_gpu=self._on_gpu)
+        return AsyncLLM.from_engine_args(args, stat_loggers=[_make_stat_logger_factory(self._stats)])
+
+    async def _warmup(self) -> None:
+        # The first forward pass is several times slower than the rest; pay it before serving.
+        ids = self.render_chat([{"role": "user", "content": "Hello"}])
+        async for _ in self.generate("warmup", ids, SamplingOptions(max_tokens=2, temperature=0)):
+            pass
+
+    async def shutdown(self) -> None:
+        self._ready = False
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await asyncio.to_thread(engine.shutdown)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if self._tokenizer is None:
+            raise EngineNotReady("engine is not ready")
+        try:
+            ids = self._tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # jinja raises its own types for template errors
+            raise InvalidPromptError(f"messages do not fit the model's chat template: {exc}") from exc
+        return list(ids)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        adapter: AdapterSpec | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        if self._engine is None:
+            raise EngineNotReady("engine is not ready")
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs.engine import tokens_input
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            stop=list(options.stop) or None,
+            seed=options.seed,
+            ignore_eos=options.ignore_eos,
+            min_tokens=options.min_tokens,
+            logprobs=0 if options.sampled_logprobs else None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        lora = (
+            LoRARequest(adapter.name, adapter.engine_id, str(adapter.path))
+            if adapter is not None
+            else None
+        )
+        stream = self._engine.generate(
+            tokens_input(prompt_token_ids), params, request_id, lora_request=lora
+        )
+        try:
+            async for output in stream:
+                completion = output.outputs[0]
+                logprobs: list[float] = []
+                if completion.logprobs:
+                    logprobs = [
+                        entry[token].logprob
+                        for token, entry in zip(completion.token_ids, completion.logprobs)
+                    ]
+                yield GenerationChunk(
+                    text=completion.text,
+                    token_ids=completion.token_ids,
+                    logprobs=logprobs,
+                    finish_reason=completion.finish_reason,
+                    stop_reason=completion.stop_reason,
+                )
+        except (VLLMValidationError, ValueError) as exc:
+            raise InvalidPromptError(str(exc)) from exc
+        finally:
+            # Closing the generator early (client gone) makes vLLM abort the request.
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        if self._engine is not None:
+            await self._engine.abort(request_id)
+
+    async def add_adapter(self, adapter: AdapterSpec) -> None:
+        if self._engine is None:
+            raise EngineNotReady("engine is not ready")
+        from vllm.lora.request import LoRARequest
+
+        _check_adapter_config(adapter, max_rank=self._settings.engine.max_lora_rank)
+        request = LoRARequest(adapter.name, adapter.engine_id, str(adapter.path))
+        try:
+            await self._engine.add_lora(request)
+        except Exception as exc:
+            raise AdapterLoadError(f"adapter {adapter.name!r} failed to load: {exc}") from exc
+        self._adapter_ids.add(adapter.engine_id)
+        self._stats.loaded_adapters = len(self._adapter_ids)
+
+    async def remove_adapter(self, adapter: AdapterSpec) -> None:
+        if self._engine is not None:
+            await self._engine.remove_lora(adapter.engine_id)
+        self._adapter_ids.discard(adapter.engine_id)
+        self._stats.loaded_adapters = len(self._adapter_ids)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+
+def _check_adapter_config(adapter: AdapterSpec, *, max_rank: int) -> None:
+    """Refuse folders vLLM would fail on, with a message a person can act on."""
+    config_file = adapter.path / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterLoadError(f"{adapter.path} has no adapter_config.json (not a peft LoRA)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterLoadError(f"{config_file} is not valid JSON") from exc
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterLoadError(f"{adapter.path} is a {config.get('peft_type')} adapter, not LoRA")
+    rank = int(config.get("r", 0))
+    if rank > max_rank:
+        raise AdapterLoadError(
+            f"adapter rank {rank} exceeds the engine's max_lora_rank {max_rank}"
+        )
+    if not any((adapter.path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise AdapterLoadError(f"{adapter.path} has no adapter weights")

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive (it may still be loading the model)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "engine not ready"}})
+async def readyz(request: Request) -> JSONResponse:
+    """200 once the engine serves requests; 503 while it loads or after it failed."""
+    state = request.app.state
+    if state.engine.ready:
+        return JSONResponse({"status": "ready", "model": state.engine.model_name})
+    error = getattr(state, "engine_error", None)
+    return JSONResponse(
+        {"status": "failed" if error else "loading", "detail": error},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )

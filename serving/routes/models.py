@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
+from serving.deps import AdaptersDep, EngineDep
+from serving.engine.base import ChatEngine
+from serving.errors import APIError
+from serving.protocol import ModelCard, ModelList
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+def _card(version: ModelVersion, adapters: AdapterSet, engine: ChatEngine) -> ModelCard:
+    return ModelCard(
+        id=version.name,
+        created=version.created,
+        root=str(version.adapter.path) if version.adapter else adapters.base.name,
+        parent=version.parent,
+        max_model_len=engine.max_model_len or None,
+    )
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(adapters: AdaptersDep, engine: EngineDep) -> ModelList:
+    """The base model and every loaded adapter (model version), each adapter with its parent."""
+    return ModelList(data=[_card(v, adapters, engine) for v in adapters.versions()])
+
+
+@router.get("/models/{model:path}", response_model=ModelCard)
+async def get_model(model: str, adapters: AdaptersDep, engine: EngineDep) -> ModelCard:
+    try:
+        return _card(adapters.resolve(model), adapters, engine)
+    except UnknownModelError:
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found") from None

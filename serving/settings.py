@@ -1,0 +1,134 @@
+"""One settings object for the whole service.
+
+Values come from, highest priority first: constructor arguments, LOOPCHAT_* environment
+variables, a YAML file named by LOOPCHAT_CONFIG_FILE, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The alias clients use to get whichever model version is active (A/B routing plugs in here).
+ALIAS_MODEL = "loopchat"
+
+_PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "admin", "password", "token", "test"}
+
+
+class EngineSettings(BaseSettings):
+    """vLLM engine options. `None` means: pick the default for the hardware found."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU (bf16 is 3-10x slower there), bfloat16 on GPU."
+    )
+    max_model_len: int | None = Field(
+        4096, ge=64, description="Context length in tokens; None uses the model's own."
+    )
+    enforce_eager: bool | None = Field(None, description="None: eager on CPU, graphs on GPU.")
+    kv_cache_space_gib: float = Field(
+        1.0, gt=0, description="CPU only: GiB reserved for the KV cache (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    max_num_seqs: int = Field(64, ge=1, description="Concurrent sequences the scheduler runs.")
+    max_loras: int = Field(4, ge=1, description="Adapters resident in one batch.")
+    max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
+    max_cpu_loras: int | None = Field(None, description="Adapters cached in host memory.")
+    seed: int = 0
+    warmup: bool = Field(True, description="Run one short request before reporting ready.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LOOPCHAT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Field(Path(".data"), description="Models, caches, database, adapters.")
+    base_model: Path | None = Field(
+        None,
+        description="HF model folder to serve. Default: the embedded SmolLM2 under data_dir.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name of the base model in the API; default: the folder's name."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /admin routes; admin routes are off without one."
+    )
+    active_model: str | None = Field(
+        None, description=f"Model version the alias `{ALIAS_MODEL}` serves; default: the base."
+    )
+    adapters: dict[str, Path] = Field(
+        default_factory=dict, description="Adapters (name -> folder) loaded at start-up."
+    )
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("LOOPCHAT_CONFIG_FILE")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise ValueError(f"LOOPCHAT_CONFIG_FILE={config_file} is not a file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.environment != "development" and self.admin_token is not None:
+            token = self.admin_token.get_secret_value()
+            if token.lower() in _PLACEHOLDER_SECRETS or len(token) < 16:
+                raise ValueError(
+                    "admin_token is a placeholder or shorter than 16 characters; "
+                    "set a real secret outside development"
+                )
+        return self
+
+    @property
+    def model_path(self) -> Path:
+        if self.base_model is not None:
+            return self.base_model.expanduser().resolve()
+        return self.data_dir / "models" / EMBEDDED_MODEL_NAME
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_path.name
+
+    @property
+    def vllm_cache_dir(self) -> Path:
+        return self.data_dir / "cache" / "vllm"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
