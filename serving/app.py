@@ -9,7 +9,9 @@ import signal
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, make_asgi_app
 
+from monitoring.metrics import ServingMetrics
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
@@ -53,7 +55,13 @@ def create_app(
         else:
             app.state.engine = engine
         app.state.adapters = AdapterSet(app.state.engine)
-        app.state.chat = ChatService(app.state.engine, app.state.adapters)
+        metrics = ServingMetrics(registry, app.state.engine)
+        app.state.chat = ChatService(
+            app.state.engine,
+            app.state.adapters,
+            metrics=metrics,
+            sampled_logprobs=settings.engine.sampled_logprobs,
+        )
         app.state.engine_error = None
         app.state.exit_on_engine_failure = exit_on_engine_failure
         starting = asyncio.create_task(_start_engine(app))
@@ -70,6 +78,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    registry = CollectorRegistry()
+    app.mount("/metrics", make_asgi_app(registry))
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)

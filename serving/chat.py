@@ -12,11 +12,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
 from serving.engine.base import ChatEngine, InvalidPromptError, SamplingOptions
 from serving.errors import APIError, bad_request
 from serving.protocol import ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from monitoring.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +60,18 @@ def new_conversation_id() -> str:
 
 
 class ChatService:
-    def __init__(self, engine: ChatEngine, adapters: AdapterSet) -> None:
+    def __init__(
+        self,
+        engine: ChatEngine,
+        adapters: AdapterSet,
+        *,
+        metrics: ServingMetrics | None = None,
+        sampled_logprobs: bool = True,
+    ) -> None:
         self._engine = engine
         self._adapters = adapters
+        self._metrics = metrics
+        self._sampled_logprobs = sampled_logprobs
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Every check that can fail on the client's input, before the engine sees it."""
@@ -106,7 +119,7 @@ class ChatService:
             seed=request.seed,
             ignore_eos=request.ignore_eos,
             min_tokens=min(request.min_tokens, max_tokens),
-            sampled_logprobs=True,
+            sampled_logprobs=self._sampled_logprobs,
         )
         metadata = request.metadata or {}
         return PreparedChat(
@@ -124,6 +137,8 @@ class ChatService:
         stream = self._engine.generate(
             chat.completion_id, chat.prompt_token_ids, chat.options, chat.version.adapter
         )
+        if self._metrics is not None:
+            self._metrics.inflight.inc()
         try:
             async for chunk in stream:
                 if chunk.token_ids and result.first_token_at is None:
@@ -141,6 +156,19 @@ class ChatService:
             result.finished_at = time.perf_counter()
             if result.finish_reason is None:
                 result.finish_reason = "abort"
+            if self._metrics is not None:
+                self._observe(chat, result)
+
+    def _observe(self, chat: PreparedChat, result: CompletionResult) -> None:
+        metrics, version = self._metrics, chat.version.name
+        assert metrics is not None
+        metrics.inflight.dec()
+        metrics.requests.labels(version, result.finish_reason).inc()
+        metrics.prompt_tokens.labels(version).inc(len(chat.prompt_token_ids))
+        metrics.completion_tokens.labels(version).inc(result.completion_tokens)
+        if result.first_token_at is not None:
+            metrics.time_to_first_token.labels(version).observe(result.first_token_at - result.started)
+        metrics.latency.labels(version).observe(result.finished_at - result.started)
 
     async def complete(self, chat: PreparedChat) -> tuple[dict, CompletionResult]:
         result = CompletionResult()
@@ -178,9 +206,7 @@ class ChatService:
         async for text in self._run(chat, result):
             yield f'{head}{{"content":{json.dumps(text)}}}{tail}'
         finish = json.dumps(result.finish_reason)
-        yield (
-            f'{head}{{}},"logprobs":null,"finish_reason":{finish}}}]{usage_field}}}\n\n'
-        )
+        yield (f'{head}{{}},"logprobs":null,"finish_reason":{finish}}}]{usage_field}}}\n\n')
         if chat.include_usage:
             usage = json.dumps(_usage(chat, result), separators=(",", ":"))
             yield (

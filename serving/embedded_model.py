@@ -57,9 +57,7 @@ def prepare(target: Path, *, force: bool = False) -> Path:
 
     logger.info("converting %s into %s", source.name, target)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.parent, gguf_file=source.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     # The weights are dequantized on load; drop the GGUF quantizer so they save as plain tensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

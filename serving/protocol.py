@@ -50,8 +50,7 @@ class ChatCompletionRequest(_Lenient):
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str = Field(
         ALIAS_MODEL,
-        description=f"Base model, an adapter (model version), or `{ALIAS_MODEL}` for the "
-        "active version.",
+        description=f"Base model, an adapter (model version), or `{ALIAS_MODEL}` for the active version.",
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

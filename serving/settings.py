@@ -48,6 +48,9 @@ class EngineSettings(BaseSettings):
     max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
     max_cpu_loras: int | None = Field(None, description="Adapters cached in host memory.")
     seed: int = 0
+    sampled_logprobs: bool = Field(
+        True, description="Ask the engine for the sampled tokens' log-probabilities (confidence)."
+    )
     warmup: bool = Field(True, description="Run one short request before reporting ready.")
 
 

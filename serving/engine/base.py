@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -65,9 +65,10 @@ class GenerationChunk:
 class EngineStats:
     running_requests: int = 0
     waiting_requests: int = 0
+    # Requests the engine still holds: scheduled, queued, or with output not yet consumed.
+    unfinished_requests: int = 0
     kv_cache_usage: float = 0.0
     loaded_adapters: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class ChatEngine(Protocol):

@@ -211,13 +211,9 @@ class VLLMEngine:
             output_kind=RequestOutputKind.DELTA,
         )
         lora = (
-            LoRARequest(adapter.name, adapter.engine_id, str(adapter.path))
-            if adapter is not None
-            else None
+            LoRARequest(adapter.name, adapter.engine_id, str(adapter.path)) if adapter is not None else None
         )
-        stream = self._engine.generate(
-            tokens_input(prompt_token_ids), params, request_id, lora_request=lora
-        )
+        stream = self._engine.generate(tokens_input(prompt_token_ids), params, request_id, lora_request=lora)
         try:
             async for output in stream:
                 completion = output.outputs[0]
@@ -225,7 +221,7 @@ class VLLMEngine:
                 if completion.logprobs:
                     logprobs = [
                         entry[token].logprob
-                        for token, entry in zip(completion.token_ids, completion.logprobs)
+                        for token, entry in zip(completion.token_ids, completion.logprobs, strict=True)
                     ]
                 yield GenerationChunk(
                     text=completion.text,
@@ -265,6 +261,8 @@ class VLLMEngine:
         self._stats.loaded_adapters = len(self._adapter_ids)
 
     def stats(self) -> EngineStats:
+        if self._engine is not None:
+            self._stats.unfinished_requests = self._engine.get_num_unfinished_requests()
         return self._stats
 
 
@@ -281,8 +279,8 @@ def _check_adapter_config(adapter: AdapterSpec, *, max_rank: int) -> None:
         raise AdapterLoadError(f"{adapter.path} is a {config.get('peft_type')} adapter, not LoRA")
     rank = int(config.get("r", 0))
     if rank > max_rank:
-        raise AdapterLoadError(
-            f"adapter rank {rank} exceeds the engine's max_lora_rank {max_rank}"
-        )
-    if not any((adapter.path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise AdapterLoadError(f"adapter rank {rank} exceeds the engine's max_lora_rank {max_rank}")
+    if not any(
+        (adapter.path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")
+    ):
         raise AdapterLoadError(f"{adapter.path} has no adapter weights")

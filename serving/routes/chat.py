@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -34,9 +35,7 @@ def _headers(chat: PreparedChat) -> dict[str, str]:
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
     dependencies=[ReadyDep],
 )
-async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, chat_service: ChatServiceDep
-):
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat_service: ChatServiceDep):
     """OpenAI-compatible chat completion; `model` may be the base, an adapter or `loopchat`."""
     chat = chat_service.prepare(body)
     if body.stream:
@@ -61,7 +60,8 @@ async def _sse(service: ChatService, chat: PreparedChat) -> AsyncIterator[str]:
         yield "data: [DONE]\n\n"
     except Exception:
         logger.exception("stream %s failed", chat.completion_id)
-        yield f"data: {json.dumps(error_body('internal server error', 'server_error', code='internal_error'))}\n\n"
+        body = error_body("internal server error", "server_error", code="internal_error")
+        yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
 
@@ -75,10 +75,8 @@ async def _unless_disconnected(request: Request, work):
         watcher.cancel()
     if task not in done:
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-        except (asyncio.CancelledError, Exception):
-            pass
         raise APIError(499, "client closed the request", code="client_closed_request")
     return task.result()
 

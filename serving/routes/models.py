@@ -32,4 +32,6 @@ async def get_model(model: str, adapters: AdaptersDep, engine: EngineDep) -> Mod
     try:
         return _card(adapters.resolve(model), adapters, engine)
     except UnknownModelError:
-        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found") from None
+        raise APIError(
+            404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
+        ) from None

