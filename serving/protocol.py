@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
 
 from serving.settings import ALIAS_MODEL
 
@@ -44,6 +44,7 @@ class StreamOptions(_Lenient):
 ConversationId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
 ]
+_conversation_id = TypeAdapter(ConversationId)
 
 
 class ChatCompletionRequest(_Lenient):
@@ -93,9 +94,7 @@ class ChatCompletionRequest(_Lenient):
                 raise ValueError("metadata keys are at most 64 and values 512 characters")
         conversation_id = value.get("conversation_id")
         if conversation_id is not None:
-            from pydantic import TypeAdapter
-
-            TypeAdapter(ConversationId).validate_python(conversation_id)
+            _conversation_id.validate_python(conversation_id)
         return value
 
     @property

@@ -12,10 +12,16 @@ from serving.embedded_model import DONE_MARKER
 from tests.conftest import REPO, free_port
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "serving.cli", *args],
-        cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -40,7 +46,9 @@ def test_model_prepare_is_idempotent(base_model_path: Path) -> None:
 
 def test_serve_exits_nonzero_when_the_model_is_missing(tmp_path: Path) -> None:
     result = run_cli(
-        "serve", "--port", str(free_port()),
+        "serve",
+        "--port",
+        str(free_port()),
         env={"LOOPCHAT_DATA_DIR": str(tmp_path), "LOOPCHAT_BASE_MODEL": str(tmp_path / "absent")},
         timeout=180,
     )
