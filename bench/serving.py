@@ -62,6 +62,7 @@ import random
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -85,6 +86,8 @@ DEFAULT_OUT_DIR = REPO / "bench" / "results"
 SERVERS = ("vllm", "loopchat")
 THROUGHPUT_RATIO_TARGET = 0.95
 TTFT_OVERHEAD_TARGET_MS = 10.0
+# Above this share of the machine's CPU used by other processes, a scenario is marked as disturbed.
+OTHER_CPU_MAX_PCT = 5.0
 
 # Engine settings shared by both servers.
 ENGINE = {
@@ -683,12 +686,17 @@ class ServerResult:
 
 
 def bench_server(
-    name: str, scenarios: list[Scenario], adapters: dict[str, Path] | None, args: argparse.Namespace
+    name: str,
+    scenarios: list[Scenario],
+    adapters: dict[str, Path] | None,
+    args: argparse.Namespace,
+    *,
+    log_name: str,
 ) -> ServerResult:
     port = free_port()
     lora = adapters is not None
     spec = vllm_spec(port, lora=lora) if name == "vllm" else loopchat_spec(port)
-    server = Server(spec, port, LOG_DIR / f"{name}.log")
+    server = Server(spec, port, LOG_DIR / log_name)
     result = ServerResult(server=name, command=spec.command, log=str(server.log_path))
     print(f"\n== {name}: starting on port {port} (log: {server.log_path})")
     try:
@@ -741,6 +749,51 @@ def bench_server(
     return result
 
 
+def aggregate(rounds: list[dict[str, ServerResult]]) -> dict[str, ServerResult]:
+    """One result per server: per scenario the median of each figure over the rounds.
+
+    Errors are summed; `<figure>_all` keeps every round's value of the headline figures.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    out: dict[str, ServerResult] = {}
+    for name in rounds[0]:
+        runs = [r[name] for r in rounds if name in r]
+        startups = [r.startup_s for r in runs if r.startup_s is not None]
+        failures = [f"round {i + 1}: {r.failure}" for i, r in enumerate(runs) if r.failure]
+        agg = ServerResult(
+            server=name,
+            command=runs[-1].command,
+            log=", ".join(r.log for r in runs),
+            startup_s=round(statistics.median(startups), 1) if startups else None,
+            exit_code=runs[-1].exit_code,
+            failure="\n".join(failures) or None,
+            prime_errors=[e for r in runs for e in r.prime_errors],
+        )
+        names = list(dict.fromkeys(sc for r in runs for sc in r.scenarios))
+        for sc in names:
+            summaries = [r.scenarios[sc] for r in runs if sc in r.scenarios]
+            merged: dict[str, Any] = {}
+            for key, value in summaries[0].items():
+                values = [x.get(key) for x in summaries]
+                if key in ("concurrency", "models", "description"):
+                    merged[key] = value
+                elif key == "errors":
+                    merged[key] = sum(values)
+                elif key == "error_samples":
+                    merged[key] = sorted({e for x in values for e in x})[:5]
+                elif isinstance(value, int | float) and all(isinstance(v, int | float) for v in values):
+                    merged[key] = round(statistics.median(values), 4)
+                else:
+                    merged[key] = value
+            for key in ("output_tok_s", "ttft_p50_ms", "ttft_p95_ms", "tpot_p50_ms"):
+                merged[f"{key}_all"] = [x.get(key) for x in summaries]
+            merged["rounds"] = len(summaries)
+            agg.scenarios[sc] = merged
+        out[name] = agg
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
@@ -769,12 +822,19 @@ def machine_info() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    commit = None
+    commit = dirty = None
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
             check=True,
         ).stdout.strip()  # fmt: skip
+        # Uncommitted changes in the code under test (the served code is not the commit's then).
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--", "serving", "monitoring"],
+                cwd=REPO, capture_output=True, text=True, check=True,
+            ).stdout.strip()
+        )  # fmt: skip
     return {
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -786,6 +846,7 @@ def machine_info() -> dict[str, Any]:
         "torch": _version("torch"),
         "loopchat": _version("loopchat"),
         "git_commit": commit,
+        "serving_code_modified": dirty,
     }
 
 
@@ -804,7 +865,9 @@ def comparisons(results: dict[str, ServerResult]) -> dict[str, dict[str, Any]]:
             if o["ttft_p50_ms"] is not None and b["ttft_p50_ms"] is not None
             else None
         )
+        busy = max(b.get("other_cpu_pct", 0.0), o.get("other_cpu_pct", 0.0))
         out[name] = {
+            "disturbed": busy > OTHER_CPU_MAX_PCT,
             "throughput_ratio": None if ratio is None else round(ratio, 4),
             "throughput_pass": ratio is not None and ratio >= THROUGHPUT_RATIO_TARGET,
             "ttft_p50_delta_ms": None if delta is None else round(delta, 2),
@@ -832,8 +895,9 @@ def comparison_rows(results: dict[str, ServerResult], comps: dict[str, dict[str,
                 _fmt(o["ttft_p50_ms"]),
                 f"{_fmt(comp['ttft_p50_delta_ms'])} {_verdict(comp['ttft_pass'])}",
                 f"{_fmt(b['ttft_p95_ms'])} / {_fmt(o['ttft_p95_ms'])}",
-                f"{b['requests']} / {o['requests']}",
+                f"{_fmt(b['requests'], 0)} / {_fmt(o['requests'], 0)}",
                 f"{b['errors']} / {o['errors']}",
+                f"{b['other_cpu_pct']} / {o['other_cpu_pct']}" + (" DISTURBED" if comp["disturbed"] else ""),
             ]
         )
     return rows
@@ -851,6 +915,7 @@ COMPARISON_HEADER = [
     "TTFT p95 ms (vLLM / loopchat)",
     "requests (vLLM / loopchat)",
     "errors (vLLM / loopchat)",
+    "other CPU % (vLLM / loopchat)",
 ]
 
 DETAIL_HEADER = [
@@ -869,6 +934,14 @@ DETAIL_HEADER = [
 ]
 
 
+def _with_range(summary: dict[str, Any], key: str) -> str:
+    """The figure, and with several rounds its range: `median (min-max)`."""
+    values = [v for v in summary.get(f"{key}_all", []) if v is not None]
+    if len(values) < 2:
+        return _fmt(summary[key])
+    return f"{_fmt(summary[key])} ({_fmt(min(values))}-{_fmt(max(values))})"
+
+
 def detail_rows(results: dict[str, ServerResult]) -> list[list[str]]:
     rows = []
     for res in results.values():
@@ -878,10 +951,10 @@ def detail_rows(results: dict[str, ServerResult]) -> list[list[str]]:
                     res.server,
                     name,
                     str(s["concurrency"]),
-                    _fmt(s["output_tok_s"]),
+                    _with_range(s, "output_tok_s"),
                     _fmt(s["req_s"], 2),
-                    str(s["requests"]),
-                    _fmt(s["ttft_p50_ms"]),
+                    _fmt(s["requests"], 0),
+                    _with_range(s, "ttft_p50_ms"),
                     _fmt(s["ttft_p95_ms"]),
                     _fmt(s["tpot_p50_ms"]),
                     _fmt(s["latency_p50_ms"]),
@@ -937,12 +1010,24 @@ def markdown(
         f"- date: {config['timestamp']}",
         f"- machine: {info['cpu_count']} CPUs ({info['cpu_model']}), {info['memory_gib']} GiB, "
         f"{info['vllm']}, {info['torch']}",
+        f"- code: git {info['git_commit']}"
+        + (" with uncommitted changes in serving/ or monitoring/" if info["serving_code_modified"] else ""),
         f"- model: {config['model']} ({', '.join(f'{k}={v}' for k, v in ENGINE.items())})",
         f"- load: closed loop, streaming, max_tokens={config['max_tokens']} with ignore_eos, "
         f"temperature 0, 0-{config['jitter_ms']:g} ms pause between a worker's requests; per scenario "
-        f"a staggered warm-up (>= {config['warmup_s']:g} s) then a {config['duration_s']:g} s window",
+        f"a staggered warm-up (>= {config['warmup_s']:g} s) then a {config['duration_s']:g} s window"
+        + (
+            f"; {config['rounds']} rounds (vLLM then loopchat, each round), medians with (min-max)"
+            if config["rounds"] > 1
+            else ""
+        ),
         "- tok/s: completion tokens received during the window / window length; "
         "TTFT: request sent to first non-empty content chunk, requests started in the window",
+        f"- other CPU %: share of the machine used by processes other than the server and this client; "
+        f"above {OTHER_CPU_MAX_PCT:g}% a scenario is marked DISTURBED (its figures are not comparable)",
+        f"- vLLM: `{' '.join(Path(a).name if a.startswith('/') else a for a in results['vllm'].command)}`"
+        if "vllm" in results
+        else "",
         "",
     ]
     if comps:
@@ -977,8 +1062,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-concurrency", type=int, default=8)
     parser.add_argument("--skip-lora", action="store_true", help="no LoRA scenarios")
     parser.add_argument("--only", choices=SERVERS, help="benchmark one server only")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the whole vLLM, loopchat sequence; figures are the medians over the rounds",
+    )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if any(c < 1 for c in args.concurrency) or args.lora_concurrency < 1:
         parser.error("concurrency must be at least 1")
     if args.duration <= 0 or args.warmup < 0 or args.max_tokens < 1:
@@ -1005,19 +1098,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             Scenario("lora-base", c, [MODEL_NAME], "base model, adapters loaded", True),
             Scenario("lora-mix", c, list(adapters), "alternating between two adapters", True),
         ]
+    info = machine_info()  # before the servers start: the git state of the code they run
     servers = [args.only] if args.only else list(SERVERS)
-    results: dict[str, ServerResult] = {}
+    rounds: list[dict[str, ServerResult]] = []
     began = time.monotonic()
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    for name in servers:
-        results[name] = bench_server(name, scenarios, adapters, args)
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"\n#### round {r + 1} of {args.rounds}")
+        rounds.append({})
+        for name in servers:
+            log_name = f"{name}.log" if args.rounds == 1 else f"{name}-round{r + 1}.log"
+            rounds[-1][name] = bench_server(name, scenarios, adapters, args, log_name=log_name)
     elapsed = time.monotonic() - began
+    results = aggregate(rounds)
 
-    info = machine_info()
     comps = comparisons(results)
     config = {
         "timestamp": timestamp,
@@ -1032,6 +1131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup_s": args.warmup,
         "max_tokens": args.max_tokens,
         "jitter_ms": args.jitter_ms,
+        "rounds": args.rounds,
         "prompts": len(PROMPTS),
         "targets": {
             "throughput_ratio_min": THROUGHPUT_RATIO_TARGET,
@@ -1051,6 +1151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "servers": {name: asdict(res) for name, res in results.items()},
         "comparison": comps,
     }
+    if len(rounds) > 1:
+        document["rounds"] = [{name: asdict(res) for name, res in rnd.items()} for rnd in rounds]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out_dir / "serving.json", args.out_dir / "serving.md"
     json_path.write_text(json.dumps(document, indent=2) + "\n")
@@ -1063,6 +1165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{name}: throughput ratio {_fmt(comp['throughput_ratio'], 3)} "
             f"{_verdict(comp['throughput_pass'])}, TTFT p50 overhead "
             f"{_fmt(comp['ttft_p50_delta_ms'])} ms {_verdict(comp['ttft_pass'])}"
+            + (" (disturbed: other processes used the CPUs; run again)" if comp["disturbed"] else "")
         )
     print(f"\nwrote {json_path} and {md_path} ({elapsed:.0f} s)")
     failed = [r.server for r in results.values() if r.failure]
