@@ -89,3 +89,47 @@ class ServingMetrics:
             ["model_version"],
             registry=registry,
         )
+
+
+class FeedbackMetrics:
+    """The conversation log's writer and the ratings it stores."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.records = Counter(
+            "loopchat_feedback_records",
+            "Log and rating records by outcome (written, spooled, replayed, rejected)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "loopchat_feedback_batch_seconds",
+            "Time to commit one batch of records",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "loopchat_feedback_queue_depth", "Records waiting for the writer", registry=registry
+        )
+        self.spooled = Gauge(
+            "loopchat_feedback_spool_records", "Records waiting in the on-disk spool", registry=registry
+        )
+        self.database_up = Gauge(
+            "loopchat_feedback_database_up", "1 while the database takes writes", registry=registry
+        )
+        self.ratings = Counter(
+            "loopchat_feedback_ratings",
+            "Ratings received by kind (up, down, score, comment, correction, preference)",
+            ["kind"],
+            registry=registry,
+        )
+
+    def bind(self, writer) -> None:
+        """Read the writer's queue, spool and health at scrape time."""
+        self.queue_depth.set_function(lambda: writer.pending)
+        self.spooled.set_function(lambda: len(writer.spool))
+        self.database_up.set_function(lambda: float(writer.healthy))
+
+    def on_batch(self, outcome: str, count: int, seconds: float) -> None:
+        self.records.labels(outcome).inc(count)
+        if outcome == "written" and seconds:
+            self.batch_seconds.observe(seconds)

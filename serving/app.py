@@ -11,12 +11,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, make_asgi_app
 
-from monitoring.metrics import ServingMetrics
+from feedback.db import make_engine, migrate
+from feedback.log import FeedbackWriter
+from feedback.service import FeedbackService, record_redactor
+from monitoring.metrics import FeedbackMetrics, ServingMetrics
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
 from serving.errors import install_error_handlers
 from serving.routes import admin, chat, health, models
+from serving.routes import feedback as feedback_routes
 from serving.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +42,40 @@ async def _start_engine(app: FastAPI) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+async def _start_feedback(app: FastAPI, settings: Settings, registry: CollectorRegistry):
+    """The database, the background writer and the feedback service."""
+    database = make_engine(settings.db_url)
+    options = settings.feedback
+    redact = None
+    if options.redact == "storage":
+        from feedback.redact import Redactor
+
+        redact = record_redactor(Redactor(options.custom_patterns))
+    metrics = FeedbackMetrics(registry)
+    writer = FeedbackWriter(
+        database,
+        settings.spool_dir,
+        redact=redact,
+        batch_size=options.batch_size,
+        flush_interval=options.flush_interval_ms / 1000,
+        queue_size=options.queue_size,
+        retry_interval=options.retry_interval_s,
+        on_batch=metrics.on_batch,
+    )
+    if settings.auto_migrate:
+        try:
+            await asyncio.to_thread(migrate, settings.db_url)
+        except Exception as exc:
+            # Chat keeps serving; the writer spools and migrates once the database answers.
+            logger.error("database migration failed, records will be spooled: %s", exc)
+            writer.require_setup(lambda: migrate(settings.db_url))
+    metrics.bind(writer)
+    writer.start()
+    app.state.feedback = FeedbackService(database, writer, options)
+    app.state.feedback_metrics = metrics
+    return writer, database
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -55,11 +93,13 @@ def create_app(
         else:
             app.state.engine = engine
         app.state.adapters = AdapterSet(app.state.engine)
+        writer, database = await _start_feedback(app, settings, registry)
         metrics = ServingMetrics(registry, app.state.engine)
         app.state.chat = ChatService(
             app.state.engine,
             app.state.adapters,
             metrics=metrics,
+            log=app.state.feedback,
             sampled_logprobs=settings.engine.sampled_logprobs,
         )
         app.state.engine_error = None
@@ -70,6 +110,9 @@ def create_app(
         finally:
             starting.cancel()
             await app.state.engine.shutdown()
+            # After the engine: the last completions are logged before the writer drains.
+            await asyncio.to_thread(writer.close)
+            database.dispose()
 
     app = FastAPI(
         title="loopchat",
@@ -84,6 +127,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(chat.router)
+    app.include_router(feedback_routes.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
     return app

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
 from serving.engine.base import ChatEngine, InvalidPromptError, SamplingOptions
@@ -35,7 +35,26 @@ class PreparedChat:
     prompt_token_ids: list[int]
     options: SamplingOptions
     created: int
+    messages: list[dict[str, str]] = field(default_factory=list)
+    user: str | None = None
     include_usage: bool = False
+    # Set by A/B routing and side-by-side requests; recorded with the completion.
+    experiment: str = ""
+    variant: str = ""
+    pair_id: str | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling parameters as recorded with the completion."""
+        options = self.options
+        return {
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "max_tokens": options.max_tokens,
+            "seed": options.seed,
+            "stop": list(options.stop),
+            "ignore_eos": options.ignore_eos,
+            "min_tokens": options.min_tokens,
+        }
 
 
 @dataclass(slots=True)
@@ -49,6 +68,13 @@ class CompletionResult:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    error: str | None = None
+
+
+class CompletionLog(Protocol):
+    """Where finished completions are recorded (the feedback package's conversation log)."""
+
+    def record_completion(self, chat: PreparedChat, result: CompletionResult) -> None: ...
 
 
 def new_completion_id() -> str:
@@ -66,21 +92,40 @@ class ChatService:
         adapters: AdapterSet,
         *,
         metrics: ServingMetrics | None = None,
+        log: CompletionLog | None = None,
         sampled_logprobs: bool = True,
     ) -> None:
         self._engine = engine
         self._adapters = adapters
         self._metrics = metrics
+        self._log = log
         self._sampled_logprobs = sampled_logprobs
 
-    def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
-        """Every check that can fail on the client's input, before the engine sees it."""
+    @property
+    def adapters(self) -> AdapterSet:
+        return self._adapters
+
+    def comparison_models(self) -> tuple[str, str]:
+        """Default side-by-side pair: the active version against the newest other one."""
+        active = self._adapters.active
+        others = [v for v in self._adapters.versions() if v.name != active.name]
+        if not others:
+            return active.name, active.name
+        newest = max(others, key=lambda v: (v.created, v.adapter.engine_id if v.adapter else 0))
+        return active.name, newest.name
+
+    def prepare(self, request: ChatCompletionRequest, *, model: str | None = None) -> PreparedChat:
+        """Every check that can fail on the client's input, before the engine sees it.
+
+        `model` overrides the request's model (side-by-side answers from two versions).
+        """
+        requested = model if model is not None else request.model
         try:
-            version = self._adapters.resolve(request.model)
+            version = self._adapters.resolve(requested)
         except UnknownModelError:
             raise APIError(
                 404,
-                f"The model `{request.model}` does not exist.",
+                f"The model `{requested}` does not exist.",
                 param="model",
                 code="model_not_found",
             ) from None
@@ -129,6 +174,8 @@ class ChatService:
             prompt_token_ids=prompt_ids,
             options=options,
             created=int(time.time()),
+            messages=messages,
+            user=request.user,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
         )
 
@@ -151,13 +198,23 @@ class ChatService:
                     result.text += chunk.text
                     yield chunk.text
         except InvalidPromptError as exc:
+            result.error = f"invalid prompt: {exc}"
             raise bad_request(str(exc)) from exc
+        except Exception as exc:
+            # Cancellation (client gone) is not an error: the row says finish_reason=abort.
+            result.error = f"{type(exc).__name__}: {exc}"[:1000]
+            raise
         finally:
             result.finished_at = time.perf_counter()
             if result.finish_reason is None:
                 result.finish_reason = "abort"
             if self._metrics is not None:
                 self._observe(chat, result)
+            if self._log is not None:
+                try:
+                    self._log.record_completion(chat, result)
+                except Exception:  # logging must never break an answer
+                    logger.exception("could not log completion %s", chat.completion_id)
 
     def _observe(self, chat: PreparedChat, result: CompletionResult) -> None:
         metrics, version = self._metrics, chat.version.name

@@ -8,6 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from feedback.service import FeedbackService
+from monitoring.metrics import FeedbackMetrics
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
@@ -41,6 +43,14 @@ def get_chat_service(request: Request) -> ChatService:
     return request.app.state.chat
 
 
+def get_feedback(request: Request) -> FeedbackService:
+    return request.app.state.feedback
+
+
+def get_feedback_metrics(request: Request) -> FeedbackMetrics:
+    return request.app.state.feedback_metrics
+
+
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -62,5 +72,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[ChatEngine, Depends(get_engine)]
 AdaptersDep = Annotated[AdapterSet, Depends(get_adapters)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
+FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
+FeedbackMetricsDep = Annotated[FeedbackMetrics, Depends(get_feedback_metrics)]
 ReadyDep = Depends(require_ready)
 AdminDep = Depends(require_admin)

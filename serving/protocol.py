@@ -102,6 +102,22 @@ class ChatCompletionRequest(_Lenient):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class ChatCompareRequest(ChatCompletionRequest):
+    models: list[str] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="The two model versions to compare; default: the active one and the newest other.",
+    )
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("side-by-side answers are returned whole; set stream to false")
+        return value
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -128,6 +144,13 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+class ChatComparison(BaseModel):
+    object: Literal["chat.comparison"] = "chat.comparison"
+    id: str
+    conversation_id: str
+    completions: list[ChatCompletion]
 
 
 class ModelCard(BaseModel):

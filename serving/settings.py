@@ -54,6 +54,36 @@ class EngineSettings(BaseSettings):
     warmup: bool = Field(True, description="Run one short request before reporting ready.")
 
 
+class FeedbackSettings(BaseSettings):
+    """Conversation logging, ratings and PII redaction."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    log_completions: bool = Field(True, description="Record every completion in the database.")
+    redact: Literal["storage", "export"] = Field(
+        "storage",
+        description="storage: PII is replaced before anything is written; export: stored as sent, "
+        "replaced when exported.",
+    )
+    custom_patterns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra PII patterns, name -> regular expression (placeholder <NAME>).",
+    )
+    batch_size: int = Field(256, ge=1, le=10_000, description="Most records the writer commits at once.")
+    flush_interval_ms: float = Field(
+        20, ge=0, le=10_000, description="Longest a record waits for its batch to fill."
+    )
+    queue_size: int = Field(
+        100_000, ge=100, description="Records held in memory before logging spills to the spool."
+    )
+    retry_interval_s: float = Field(
+        5, gt=0, description="How often the writer retries the database after an outage."
+    )
+    max_comment_chars: int = Field(2000, ge=1)
+    max_correction_chars: int = Field(8000, ge=1)
+    max_tags: int = Field(16, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LOOPCHAT_",
@@ -83,6 +113,12 @@ class Settings(BaseSettings):
         default_factory=dict, description="Adapters (name -> folder) loaded at start-up."
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL (postgresql+psycopg://user@host/db); default: SQLite in data_dir.",
+    )
+    auto_migrate: bool = Field(True, description="Apply database migrations at start-up.")
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -126,6 +162,16 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_path.name
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'loopchat.db'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
 
     @property
     def vllm_cache_dir(self) -> Path:

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from serving.app import create_app
 from serving.settings import Settings
+from tests.utils.db import postgres_schema_url, skip_or_fail_without_postgres
 from tests.utils.fake_engine import FakeEngine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +28,34 @@ ADMIN_TOKEN = "test-admin-token-" + "x" * 16
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path, admin_token=ADMIN_TOKEN, base_model=tmp_path / "fake-base")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each database test runs twice: on SQLite (WAL, in tmp_path) and on the local PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'loopchat.db'}"
+        return
+    skip_or_fail_without_postgres()
+    url, drop = postgres_schema_url()
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture
+def db_settings(settings: Settings, database_url: str) -> Settings:
+    return settings.model_copy(update={"database_url": database_url})
+
+
+@pytest.fixture
+def db_client(db_settings: Settings, fake_engine: FakeEngine) -> Iterator[TestClient]:
+    """The fake-engine app on each database (SQLite and PostgreSQL)."""
+    app = create_app(db_settings, engine=fake_engine, exit_on_engine_failure=False)
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        yield test_client
 
 
 @pytest.fixture
@@ -77,11 +106,14 @@ def base_model_path() -> Path:
 
 
 class LiveServer:
-    def __init__(self, url: str, admin_token: str, process: subprocess.Popen, log: Path) -> None:
+    def __init__(
+        self, url: str, admin_token: str, process: subprocess.Popen, log: Path, database_url: str
+    ) -> None:
         self.url = url
         self.admin_token = admin_token
         self.process = process
         self.log = log
+        self.database_url = database_url
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -100,7 +132,9 @@ def live_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory)
     """`loopchat serve` on the embedded model, started once per test session (it takes ~40 s)."""
     port = free_port()
     token = secrets.token_urlsafe(24)
-    log = tmp_path_factory.mktemp("live-server") / "server.log"
+    workdir = tmp_path_factory.mktemp("live-server")
+    log = workdir / "server.log"
+    database_url = f"sqlite:///{workdir / 'loopchat.db'}"
     env = {
         **os.environ,
         "LOOPCHAT_DATA_DIR": str(data_dir()),
@@ -108,6 +142,7 @@ def live_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory)
         "LOOPCHAT_ADMIN_TOKEN": token,
         "LOOPCHAT_ENGINE__MAX_MODEL_LEN": "2048",
         "LOOPCHAT_ENGINE__MAX_LORA_RANK": "16",
+        "LOOPCHAT_DATABASE_URL": database_url,
     }
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -132,7 +167,7 @@ def live_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not ready:\n{log.read_text()[-4000:]}")
             time.sleep(1)
-        yield LiveServer(url, token, process, log)
+        yield LiveServer(url, token, process, log, database_url)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)

@@ -4,6 +4,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
+import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -12,7 +14,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from serving.chat import ChatService, CompletionResult, PreparedChat
 from serving.deps import ChatServiceDep, ReadyDep
 from serving.errors import APIError
-from serving.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, error_body
+from serving.protocol import (
+    ChatCompareRequest,
+    ChatComparison,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    error_body,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +55,32 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         )
     response, _ = await _unless_disconnected(request, chat_service.complete(chat))
     return JSONResponse(response, headers=_headers(chat))
+
+
+@router.post("/chat/compare", response_model=ChatComparison, responses=_ERRORS, dependencies=[ReadyDep])
+async def compare_chat_completions(body: ChatCompareRequest, request: Request, chat_service: ChatServiceDep):
+    """Two answers to one prompt, from two model versions, for a side-by-side choice.
+
+    Both are logged with one pair id; the order is shuffled so position says nothing about
+    the model. Send the choice to POST /v1/feedback/preference.
+    """
+    names = body.models or chat_service.comparison_models()
+    pair_id = f"cmp-{uuid.uuid4().hex}"
+    chats = [chat_service.prepare(body, model=name) for name in names]
+    for chat in chats:
+        chat.conversation_id = chats[0].conversation_id
+        chat.pair_id = pair_id
+    random.shuffle(chats)
+    done = await _unless_disconnected(request, asyncio.gather(*(chat_service.complete(c) for c in chats)))
+    return JSONResponse(
+        {
+            "object": "chat.comparison",
+            "id": pair_id,
+            "conversation_id": chats[0].conversation_id,
+            "completions": [response for response, _ in done],
+        },
+        headers={"x-loopchat-conversation-id": chats[0].conversation_id},
+    )
 
 
 async def _sse(service: ChatService, chat: PreparedChat) -> AsyncIterator[str]:

@@ -36,3 +36,12 @@ def make_lora_adapter(
                 param.normal_(0.0, std)
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def make_adapter_dir(folder: Path) -> Path:
+    """A folder the fake engine accepts as an adapter (config only, no weights)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    return folder

@@ -95,7 +95,8 @@ class FakeEngine:
                 yield GenerationChunk(
                     text=text,
                     token_ids=[produced],
-                    logprobs=[-0.5],
+                    # Distinct values, so the logged mean and minimum can be checked.
+                    logprobs=[-0.1 * produced],
                     finish_reason="length" if done else None,
                 )
         except (asyncio.CancelledError, GeneratorExit):

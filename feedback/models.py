@@ -1,0 +1,128 @@
+"""Tables of the conversation log and the ratings (SQLModel), and their public shapes.
+
+A completion row holds everything the loop later needs about one served answer: the prompt
+messages, the answer, what served it, how it was sampled, how fast and how confident it was.
+Ratings keep one current row per (completion, user) and an append-only history beside it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, String, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+# Ratings by clients without a user key share this key: one current rating per completion.
+ANONYMOUS = ""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _timestamp(*, index: bool = False) -> Any:
+    return Field(
+        default_factory=utcnow,
+        sa_type=DateTime(timezone=True),
+        nullable=False,
+        index=index,
+    )
+
+
+def _completion_fk(*, index: bool = True) -> Any:
+    return Field(
+        sa_column_args=[ForeignKey("completion.id", ondelete="CASCADE")],
+        max_length=64,
+        index=index,
+    )
+
+
+class Conversation(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=128)
+    user_key: str = Field(default=ANONYMOUS, max_length=256, index=True)
+    created_at: datetime = _timestamp()
+    last_active_at: datetime = _timestamp(index=True)
+
+
+class Completion(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=64)
+    conversation_id: str = Field(
+        sa_column_args=[ForeignKey("conversation.id", ondelete="CASCADE")], max_length=128, index=True
+    )
+    user_key: str = Field(default=ANONYMOUS, max_length=256, index=True)
+    created_at: datetime = _timestamp(index=True)
+    model_version: str = Field(max_length=128, index=True)
+    # Filled by A/B routing; empty when no experiment served the request.
+    experiment: str = Field(default="", max_length=128)
+    variant: str = Field(default="", max_length=128)
+    # Side-by-side answers to one prompt share a pair id.
+    pair_id: str | None = Field(default=None, max_length=64, index=True)
+    messages: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    prompt_hash: str = Field(max_length=64, index=True)
+    response: str = ""
+    sampling: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    finish_reason: str | None = Field(default=None, max_length=32)
+    logprob_mean: float | None = None
+    logprob_min: float | None = None
+    error: str | None = Field(default=None, sa_type=String(1024))
+    redacted: bool = False
+
+
+class Rating(SQLModel, table=True):
+    """The current rating of one completion by one user."""
+
+    __table_args__ = (UniqueConstraint("completion_id", "user_key", name="uq_rating_completion_user"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    completion_id: str = _completion_fk(index=False)
+    user_key: str = Field(default=ANONYMOUS, max_length=256, index=True)
+    thumb: str | None = Field(default=None, max_length=4)
+    score: int | None = None
+    comment: str | None = None
+    correction: str | None = None
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _timestamp()
+    updated_at: datetime = _timestamp(index=True)
+
+
+class RatingEvent(SQLModel, table=True):
+    """Every rating ever posted, in order: the history behind `Rating`."""
+
+    __tablename__ = "rating_event"
+    __table_args__ = (Index("ix_rating_event_completion_user", "completion_id", "user_key"),)
+
+    # Chosen by the writer, so a batch replayed from the spool twice adds no duplicate.
+    id: str = Field(primary_key=True, max_length=32)
+    completion_id: str = _completion_fk(index=False)
+    user_key: str = Field(default=ANONYMOUS, max_length=256)
+    thumb: str | None = Field(default=None, max_length=4)
+    score: int | None = None
+    comment: str | None = None
+    correction: str | None = None
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _timestamp(index=True)
+
+
+class Preference(SQLModel, table=True):
+    """A side-by-side choice: one current choice per pair of completions and user."""
+
+    __table_args__ = (UniqueConstraint("pair_key", "user_key", name="uq_preference_pair_user"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    # The two completion ids sorted and joined: the same pair whichever way it was chosen.
+    pair_key: str = Field(max_length=160)
+    chosen_completion_id: str = _completion_fk()
+    rejected_completion_id: str = _completion_fk()
+    user_key: str = Field(default=ANONYMOUS, max_length=256, index=True)
+    comment: str | None = None
+    created_at: datetime = _timestamp()
+    updated_at: datetime = _timestamp(index=True)
+
+
+def pair_key(first: str, second: str) -> str:
+    return "|".join(sorted((first, second)))

@@ -1,0 +1,253 @@
+"""The conversation log and the ratings: what the chat and feedback routes call.
+
+`FeedbackService.record_completion` turns a finished completion into a log record (never
+waiting on the database). `rate` and `prefer` check that the completion exists and belongs to
+the rater, then wait until the writer has committed or spooled the rating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+
+from feedback.log import FeedbackWriter, QueueFullError, RecordRejectedError
+from feedback.models import ANONYMOUS, Completion
+from feedback.protocol import FeedbackRequest, FeedbackResponse, PreferenceRequest, PreferenceResponse
+from serving.errors import APIError, bad_request
+from serving.settings import FeedbackSettings
+
+if TYPE_CHECKING:
+    from feedback.redact import Redactor
+    from serving.chat import CompletionResult, PreparedChat
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRef:
+    """What rating a completion needs to know about it."""
+
+    user_key: str
+    prompt_hash: str
+
+
+class RecentCompletions:
+    """Completions logged by this process, newest last: a rating right after an answer finds
+    its completion here even before the writer has committed it."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._items: OrderedDict[str, CompletionRef] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def add(self, completion_id: str, ref: CompletionRef) -> None:
+        with self._lock:
+            self._items[completion_id] = ref
+            if len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+    def get(self, completion_id: str) -> CompletionRef | None:
+        with self._lock:
+            return self._items.get(completion_id)
+
+
+def prompt_hash(messages: list[dict[str, Any]]) -> str:
+    canonical = json.dumps(messages, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _logprob_stats(values: list[float]) -> tuple[float | None, float | None]:
+    finite = [v for v in values if v == v and v != float("-inf")]
+    if not finite:
+        return None, None
+    return sum(finite) / len(finite), min(finite)
+
+
+def record_redactor(redactor: Redactor):
+    """The writer's redaction step for the 'storage' policy: free text replaced before writing."""
+
+    def redact(data: dict[str, Any]) -> dict[str, Any]:
+        kind = data["kind"]
+        if kind == "completion":
+            data = {
+                **data,
+                "messages": redactor.redact_messages(data["messages"]),
+                "response": redactor.redact(data["response"]),
+                "redacted": True,
+            }
+        else:
+            data = dict(data)
+            for key in ("comment", "correction"):
+                if data.get(key):
+                    data[key] = redactor.redact(data[key])
+        return data
+
+    return redact
+
+
+class FeedbackService:
+    def __init__(self, engine: Engine, writer: FeedbackWriter, settings: FeedbackSettings) -> None:
+        self._engine = engine
+        self._writer = writer
+        self._settings = settings
+        self.recent = RecentCompletions()
+
+    # -- conversation log ----------------------------------------------------------------------
+
+    def record_completion(self, chat: PreparedChat, result: CompletionResult) -> None:
+        if not self._settings.log_completions:
+            return
+        mean, minimum = _logprob_stats(result.logprobs)
+        finished = result.finished_at or time.perf_counter()
+        first = result.first_token_at
+        user_key = chat.user or ANONYMOUS
+        hashed = prompt_hash(chat.messages)
+        self._writer.submit(
+            {
+                "kind": "completion",
+                "id": chat.completion_id,
+                "conversation_id": chat.conversation_id,
+                "user_key": user_key,
+                "created_at": time.time(),
+                "model_version": chat.version.name,
+                "experiment": chat.experiment,
+                "variant": chat.variant,
+                "pair_id": chat.pair_id,
+                "messages": chat.messages,
+                "prompt_hash": hashed,
+                "response": result.text,
+                "sampling": chat.sampling(),
+                "prompt_tokens": len(chat.prompt_token_ids),
+                "completion_tokens": result.completion_tokens,
+                "latency_ms": round((finished - result.started) * 1000, 3),
+                "ttft_ms": None if first is None else round((first - result.started) * 1000, 3),
+                "finish_reason": result.finish_reason,
+                "logprob_mean": mean,
+                "logprob_min": minimum,
+                "error": result.error,
+                "redacted": False,
+            }
+        )
+        self.recent.add(chat.completion_id, CompletionRef(user_key, hashed))
+
+    # -- ratings -------------------------------------------------------------------------------
+
+    async def rate(self, request: FeedbackRequest) -> FeedbackResponse:
+        caps = self._settings
+        _check_length(request.comment, caps.max_comment_chars, "comment")
+        _check_length(request.correction, caps.max_correction_chars, "correction")
+        if len(request.tags) > caps.max_tags:
+            raise bad_request(f"at most {caps.max_tags} tags", param="tags")
+        user_key = request.user or ANONYMOUS
+        await self._owned(request.completion_id, user_key, "completion_id")
+        now = time.time()
+        await self._store(
+            {
+                "kind": "rating",
+                "event_id": uuid.uuid4().hex,
+                "completion_id": request.completion_id,
+                "user_key": user_key,
+                "thumb": request.rating,
+                "score": request.score,
+                "comment": request.comment,
+                "correction": request.correction,
+                "tags": list(dict.fromkeys(request.tags)),
+                "at": now,
+            }
+        )
+        return FeedbackResponse(
+            completion_id=request.completion_id,
+            user=request.user,
+            rating=request.rating,
+            score=request.score,
+            comment=request.comment,
+            correction=request.correction,
+            tags=list(dict.fromkeys(request.tags)),
+            created=int(now),
+        )
+
+    async def prefer(self, request: PreferenceRequest) -> PreferenceResponse:
+        _check_length(request.comment, self._settings.max_comment_chars, "comment")
+        user_key = request.user or ANONYMOUS
+        chosen = await self._owned(request.chosen_completion_id, user_key, "chosen_completion_id")
+        rejected = await self._owned(request.rejected_completion_id, user_key, "rejected_completion_id")
+        if chosen.prompt_hash != rejected.prompt_hash:
+            raise bad_request("the two completions answer different prompts", param="rejected_completion_id")
+        now = time.time()
+        await self._store(
+            {
+                "kind": "preference",
+                "chosen_completion_id": request.chosen_completion_id,
+                "rejected_completion_id": request.rejected_completion_id,
+                "user_key": user_key,
+                "comment": request.comment,
+                "at": now,
+            }
+        )
+        return PreferenceResponse(
+            chosen_completion_id=request.chosen_completion_id,
+            rejected_completion_id=request.rejected_completion_id,
+            user=request.user,
+            comment=request.comment,
+            created=int(now),
+        )
+
+    async def _owned(self, completion_id: str, user_key: str, param: str) -> CompletionRef:
+        """The completion, if the rater may rate it; else 404 (someone else's looks unknown)."""
+        ref = self.recent.get(completion_id)
+        if ref is None:
+            ref = await run_in_threadpool(self._lookup, completion_id)
+        # Anonymous completions can be rated by whoever holds their (unguessable) id.
+        if ref is None or (ref.user_key != ANONYMOUS and ref.user_key != user_key):
+            raise APIError(404, f"No completion `{completion_id}`.", param=param, code="completion_not_found")
+        return ref
+
+    def _lookup(self, completion_id: str) -> CompletionRef | None:
+        try:
+            with self._engine.connect() as connection:
+                row = connection.execute(
+                    select(Completion.user_key, Completion.prompt_hash).where(Completion.id == completion_id)
+                ).first()
+        except OperationalError as exc:
+            logger.warning("completion lookup failed: %s", exc.__class__.__name__)
+            raise _unavailable() from None
+        except SQLAlchemyError:
+            logger.exception("completion lookup failed")
+            raise _unavailable() from None
+        return None if row is None else CompletionRef(row.user_key, row.prompt_hash)
+
+    async def _store(self, record: dict[str, Any]) -> None:
+        try:
+            await self._writer.submit_and_wait(record)
+        except QueueFullError:
+            raise _unavailable() from None
+        except RecordRejectedError:
+            raise APIError(409, "the rating could not be stored", code="feedback_rejected") from None
+        except OSError:
+            logger.exception("feedback could not be stored or spooled")
+            raise _unavailable() from None
+
+
+def _check_length(value: str | None, cap: int, param: str) -> None:
+    if value is not None and len(value) > cap:
+        raise bad_request(f"{param} is longer than {cap} characters", param=param, code="string_too_long")
+
+
+def _unavailable() -> APIError:
+    return APIError(
+        503,
+        "Feedback storage is unavailable; retry shortly.",
+        code="feedback_unavailable",
+        headers={"Retry-After": "5"},
+    )

@@ -1,0 +1,36 @@
+"""Ratings of served answers: thumbs, stars, comments, corrections and side-by-side choices."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from feedback.protocol import FeedbackRequest, FeedbackResponse, PreferenceRequest, PreferenceResponse
+from serving.deps import FeedbackDep, FeedbackMetricsDep
+from serving.protocol import ErrorResponse
+
+router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 503)}
+
+
+@router.post("", response_model=FeedbackResponse, responses=_ERRORS)
+async def rate_completion(body: FeedbackRequest, service: FeedbackDep, metrics: FeedbackMetricsDep):
+    """Rate one completion; posting again replaces this user's current rating (history is kept)."""
+    stored = await service.rate(body)
+    for kind, given in (
+        (body.rating, body.rating is not None),
+        ("score", body.score is not None),
+        ("comment", body.comment is not None),
+        ("correction", body.correction is not None),
+    ):
+        if given:
+            metrics.ratings.labels(kind).inc()
+    return stored
+
+
+@router.post("/preference", response_model=PreferenceResponse, responses=_ERRORS)
+async def prefer_completion(body: PreferenceRequest, service: FeedbackDep, metrics: FeedbackMetricsDep):
+    """Say which of two answers to the same prompt is better (side-by-side)."""
+    stored = await service.prefer(body)
+    metrics.ratings.labels("preference").inc()
+    return stored

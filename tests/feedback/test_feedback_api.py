@@ -1,0 +1,262 @@
+"""The conversation log and the feedback API on the fake engine, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.settings import Settings
+from tests.utils.db import wait_for_rows
+
+CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4, "user": "alice"}
+
+
+def chat(client: TestClient, **overrides) -> dict:
+    response = client.post("/v1/chat/completions", json={**CHAT, **overrides})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    body["_conversation"] = response.headers["x-loopchat-conversation-id"]
+    return body
+
+
+def completion_row(url: str, completion_id: str) -> dict:
+    rows = wait_for_rows(url, "SELECT * FROM completion WHERE id = :id", 1, id=completion_id)
+    assert rows, f"completion {completion_id} was never written"
+    return dict(rows[0])
+
+
+def test_completion_is_logged_with_what_served_it(db_client: TestClient, db_settings: Settings):
+    body = chat(db_client, temperature=0.5, seed=7, stop=["zzz"])
+    row = completion_row(db_settings.db_url, body["id"])
+    assert row["conversation_id"] == body["_conversation"]
+    assert row["user_key"] == "alice"
+    assert row["model_version"] == "fake-base"
+    assert (row["experiment"], row["variant"], row["pair_id"]) == ("", "", None)
+    messages = row["messages"] if isinstance(row["messages"], list) else json.loads(row["messages"])
+    assert messages == [{"role": "user", "content": "hello there"}]
+    assert row["response"] == body["choices"][0]["message"]["content"]
+    sampling = row["sampling"] if isinstance(row["sampling"], dict) else json.loads(row["sampling"])
+    assert sampling["temperature"] == 0.5 and sampling["seed"] == 7 and sampling["stop"] == ["zzz"]
+    assert sampling["max_tokens"] == 4
+    assert row["prompt_tokens"] == body["usage"]["prompt_tokens"]
+    assert row["completion_tokens"] == body["usage"]["completion_tokens"] == 4
+    assert row["finish_reason"] == "length"
+    assert row["latency_ms"] >= row["ttft_ms"] >= 0
+    # The fake engine gives token i the log-probability -0.1 * i.
+    assert row["logprob_mean"] == pytest.approx(-0.25)
+    assert row["logprob_min"] == pytest.approx(-0.4)
+    assert row["error"] is None
+    conversation = wait_for_rows(
+        db_settings.db_url, "SELECT * FROM conversation WHERE id = :id", 1, id=body["_conversation"]
+    )
+    assert conversation[0]["user_key"] == "alice"
+
+
+def test_streamed_completion_is_logged(db_client: TestClient, db_settings: Settings):
+    with db_client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+        completion_id = response.headers["x-loopchat-completion-id"]
+        text = "".join(response.iter_text())
+    assert "[DONE]" in text
+    row = completion_row(db_settings.db_url, completion_id)
+    assert row["finish_reason"] == "length" and row["completion_tokens"] == 4
+
+
+def test_conversation_continues_through_metadata(db_client: TestClient, db_settings: Settings):
+    first = chat(db_client)
+    second = chat(
+        db_client,
+        messages=[
+            {"role": "user", "content": "hello there"},
+            {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "and again"},
+        ],
+        metadata={"conversation_id": first["_conversation"]},
+    )
+    assert second["_conversation"] == first["_conversation"]
+    rows = wait_for_rows(
+        db_settings.db_url,
+        "SELECT id FROM completion WHERE conversation_id = :c",
+        2,
+        c=first["_conversation"],
+    )
+    assert {r["id"] for r in rows} == {first["id"], second["id"]}
+    conversations = wait_for_rows(db_settings.db_url, "SELECT id FROM conversation", 1)
+    assert len(conversations) == 1
+
+
+def rate(client: TestClient, **body):
+    return client.post("/v1/feedback", json=body)
+
+
+def test_rating_is_stored_and_rerating_keeps_history(db_client: TestClient, db_settings: Settings):
+    completion = chat(db_client)["id"]
+    first = rate(db_client, completion_id=completion, rating="down", comment="too short", user="alice")
+    assert first.status_code == 200, first.text
+    assert first.json()["rating"] == "down" and first.json()["object"] == "feedback"
+    # Stored on return: no polling needed for ratings.
+    rows = wait_for_rows(db_settings.db_url, "SELECT * FROM rating", 1, timeout=0)
+    assert rows[0]["thumb"] == "down" and rows[0]["comment"] == "too short"
+
+    second = rate(
+        db_client,
+        completion_id=completion,
+        rating="up",
+        score=4,
+        correction="A better answer.",
+        tags=["helpful", "helpful", "tone"],
+        user="alice",
+    )
+    assert second.status_code == 200, second.text
+    rows = wait_for_rows(db_settings.db_url, "SELECT * FROM rating", 1, timeout=0)
+    assert len(rows) == 1
+    current = rows[0]
+    assert (current["thumb"], current["score"], current["comment"]) == ("up", 4, None)
+    assert current["correction"] == "A better answer."
+    tags = current["tags"] if isinstance(current["tags"], list) else json.loads(current["tags"])
+    assert tags == ["helpful", "tone"]
+    history = wait_for_rows(
+        db_settings.db_url, "SELECT thumb FROM rating_event ORDER BY created_at", 2, timeout=0
+    )
+    assert [h["thumb"] for h in history] == ["down", "up"]
+
+
+def test_each_user_has_their_own_rating_of_an_anonymous_completion(db_client: TestClient, db_settings):
+    completion = chat(db_client, user=None)["id"]
+    assert rate(db_client, completion_id=completion, rating="up", user="bob").status_code == 200
+    assert rate(db_client, completion_id=completion, rating="down").status_code == 200
+    rows = wait_for_rows(db_settings.db_url, "SELECT user_key, thumb FROM rating ORDER BY user_key", 2)
+    assert [(r["user_key"], r["thumb"]) for r in rows] == [("", "down"), ("bob", "up")]
+
+
+def test_unknown_and_foreign_completions_are_404(db_client: TestClient, db_settings: Settings):
+    completion = chat(db_client)["id"]  # alice's
+    for body in (
+        {"completion_id": "chatcmpl-doesnotexist", "rating": "up", "user": "alice"},
+        {"completion_id": completion, "rating": "up", "user": "mallory"},
+        {"completion_id": completion, "rating": "up"},
+    ):
+        response = rate(db_client, **body)
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert error["code"] == "completion_not_found" and error["type"] == "not_found_error"
+    assert wait_for_rows(db_settings.db_url, "SELECT * FROM rating", 1, timeout=0.3) == []
+
+
+def test_rating_found_in_database_after_restart(db_settings: Settings, fake_engine):
+    """A completion written by one process can be rated through another (no in-memory shortcut)."""
+    from serving.app import create_app
+    from tests.conftest import wait_ready
+
+    with TestClient(create_app(db_settings, engine=fake_engine, exit_on_engine_failure=False)) as client:
+        wait_ready(client)
+        completion = chat(client)["id"]
+    with TestClient(create_app(db_settings, engine=fake_engine, exit_on_engine_failure=False)) as client:
+        wait_ready(client)
+        assert rate(client, completion_id=completion, score=5, user="alice").status_code == 200
+        assert rate(client, completion_id=completion, score=5, user="eve").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"rating": "meh"}, "rating"),
+        ({"score": 0}, "score"),
+        ({"score": 6}, "score"),
+        ({"score": 2.5}, "score"),
+        ({}, None),
+        ({"comment": "   "}, None),
+        ({"rating": "up", "ratting": "up"}, "ratting"),
+        ({"rating": "up", "tags": ["x" * 65]}, "tags[0]"),
+        ({"rating": "up", "tags": [""]}, "tags[0]"),
+        ({"rating": "up", "user": "u" * 257}, "user"),
+        ({"comment": "c" * 2001}, "comment"),
+        ({"correction": "c" * 8001}, "correction"),
+        ({"rating": "up", "tags": [f"t{i}" for i in range(17)]}, "tags"),
+    ],
+)
+def test_bad_feedback_is_400_and_stores_nothing(db_client: TestClient, db_settings, body, param):
+    completion = chat(db_client)["id"]
+    response = rate(db_client, **{"completion_id": completion, "user": "alice", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert wait_for_rows(db_settings.db_url, "SELECT * FROM rating", 1, timeout=0.2) == []
+
+
+@pytest.mark.parametrize("payload", ["not json", "[]", '{"completion_id": 5, "rating": "up"}'])
+def test_malformed_feedback_bodies(db_client: TestClient, payload: str):
+    response = db_client.post(
+        "/v1/feedback", content=payload, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_side_by_side_and_preference(db_client: TestClient, db_settings: Settings, tmp_path, admin_headers):
+    from tests.utils.adapters import make_adapter_dir
+
+    loaded = db_client.post(
+        "/admin/adapters", json={"name": "v2", "path": str(make_adapter_dir(tmp_path / "v2"))},
+        headers=admin_headers,
+    )
+    assert loaded.status_code == 201, loaded.text
+    response = db_client.post("/v1/chat/compare", json=CHAT)
+    assert response.status_code == 200, response.text
+    pair = response.json()
+    assert pair["object"] == "chat.comparison"
+    first, second = pair["completions"]
+    assert {first["model"], second["model"]} == {"fake-base", "v2"}
+    rows = wait_for_rows(
+        db_settings.db_url, "SELECT id, pair_id, conversation_id FROM completion", 2
+    )
+    assert {r["pair_id"] for r in rows} == {pair["id"]}
+    assert {r["conversation_id"] for r in rows} == {pair["conversation_id"]}
+
+    chosen = db_client.post(
+        "/v1/feedback/preference",
+        json={"chosen_completion_id": second["id"], "rejected_completion_id": first["id"], "user": "alice"},
+    )
+    assert chosen.status_code == 200, chosen.text
+    # Changing one's mind updates the one current choice for the pair.
+    again = db_client.post(
+        "/v1/feedback/preference",
+        json={"chosen_completion_id": first["id"], "rejected_completion_id": second["id"], "user": "alice"},
+    )
+    assert again.status_code == 200
+    prefs = wait_for_rows(db_settings.db_url, "SELECT * FROM preference", 1, timeout=0)
+    assert len(prefs) == 1
+    assert (prefs[0]["chosen_completion_id"], prefs[0]["rejected_completion_id"]) == (first["id"], second["id"])
+
+
+def test_preference_errors(db_client: TestClient):
+    one = chat(db_client)["id"]
+    other = chat(db_client, messages=[{"role": "user", "content": "something else"}])["id"]
+    cases = [
+        ({"chosen_completion_id": one, "rejected_completion_id": one}, 400),
+        ({"chosen_completion_id": one, "rejected_completion_id": other}, 400),
+        ({"chosen_completion_id": one, "rejected_completion_id": "chatcmpl-nope"}, 404),
+        ({"chosen_completion_id": one}, 400),
+    ]
+    for body, status in cases:
+        response = db_client.post("/v1/feedback/preference", json={**body, "user": "alice"})
+        assert response.status_code == status, (body, response.text)
+        assert "error" in response.json()
+
+
+def test_compare_validates_like_chat(db_client: TestClient):
+    assert db_client.post("/v1/chat/compare", json={**CHAT, "stream": True}).status_code == 400
+    missing = db_client.post("/v1/chat/compare", json={**CHAT, "models": ["fake-base", "nope"]})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    assert db_client.post("/v1/chat/compare", json={**CHAT, "models": ["fake-base"]}).status_code == 400
+
+
+def test_feedback_metrics(db_client: TestClient):
+    completion = chat(db_client)["id"]
+    rate(db_client, completion_id=completion, rating="down", comment="meh", user="alice")
+    text = db_client.get("/metrics/").text
+    assert 'loopchat_feedback_ratings_total{kind="down"} 1.0' in text
+    assert 'loopchat_feedback_ratings_total{kind="comment"} 1.0' in text
+    assert "loopchat_feedback_database_up 1.0" in text
