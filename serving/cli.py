@@ -11,6 +11,8 @@ import typer
 app = typer.Typer(help="loopchat: chat serving with a feedback loop.", no_args_is_help=True)
 model_app = typer.Typer(help="The base model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+db_app = typer.Typer(help="The conversation and feedback database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 
 def _setup_logging(level: str) -> None:
@@ -67,6 +69,103 @@ def model_prepare(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"model ready: {target}")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def _database():
+    """The configured database, migrated; exits with a clear message when it is unreachable."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from feedback.db import make_engine, migrate
+    from serving.settings import Settings
+
+    settings = Settings()
+    _setup_logging("warning")
+    try:
+        migrate(settings.db_url)
+    except SQLAlchemyError as exc:
+        raise _fail(
+            f"database {settings.db_url.split('@')[-1]}: {exc.__class__.__name__}: {exc.orig}"
+        ) from exc
+    return settings, make_engine(settings.db_url)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the database migrations (the server also does this at start-up)."""
+    from feedback.db import current_revision
+
+    settings, engine = _database()
+    engine.dispose()
+    typer.echo(f"database at revision {current_revision(settings.db_url)}")
+
+
+@db_app.command("purge")
+def db_purge(
+    older_than: Annotated[str, typer.Option(help="Age to keep, e.g. 90d, 12h, 2w.")],
+    dry_run: Annotated[bool, typer.Option(help="Count what would be deleted; delete nothing.")] = False,
+) -> None:
+    """Delete completions (with their ratings) and conversations older than a cut-off."""
+    from feedback.retention import parse_duration, purge_older_than
+
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    _, engine = _database()
+    deleted = purge_older_than(engine, age, dry_run=dry_run)
+    engine.dispose()
+    typer.echo(f"{'would delete' if dry_run else 'deleted'}: {deleted}")
+
+
+@db_app.command("delete-user")
+def db_delete_user(
+    user: Annotated[str, typer.Argument(help="The user key (the chat requests' `user` field).")],
+    dry_run: Annotated[bool, typer.Option(help="Count what would be deleted; delete nothing.")] = False,
+) -> None:
+    """Erase one user's conversations, completions and ratings."""
+    from feedback.retention import delete_user
+
+    if not user:
+        raise _fail("a user key is required")
+    _, engine = _database()
+    deleted = delete_user(engine, user, dry_run=dry_run)
+    engine.dispose()
+    typer.echo(f"{'would delete' if dry_run else 'deleted'}: {deleted}")
+
+
+@app.command("export")
+def export(
+    format: Annotated[str, typer.Option("--format", help="sft, kto or dpo (TRL dataset formats).")],
+    out: Annotated[Path, typer.Option(help="Output file (JSON lines).")],
+    since: Annotated[str | None, typer.Option(help="Only ratings from the last 30d, 12h, ...")] = None,
+    model_version: Annotated[str | None, typer.Option(help="Only completions of this version.")] = None,
+    metadata: Annotated[bool, typer.Option(help="Add completion ids and versions to each row.")] = False,
+) -> None:
+    """Export ratings as redacted training data."""
+    from datetime import UTC, datetime
+
+    from feedback.export import FORMATS, ExportFilter, export_jsonl
+    from feedback.redact import Redactor
+    from feedback.retention import parse_duration
+
+    if format not in FORMATS:
+        raise _fail(f"--format must be one of {', '.join(FORMATS)}")
+    where = ExportFilter(model_version=model_version)
+    if since is not None:
+        try:
+            where.since = datetime.now(UTC) - parse_duration(since)
+        except ValueError as exc:
+            raise _fail(str(exc)) from exc
+    settings, engine = _database()
+    redactor = Redactor(settings.feedback.custom_patterns)
+    count = export_jsonl(engine, format, out, redactor, where, metadata=metadata)  # type: ignore[arg-type]
+    engine.dispose()
+    typer.echo(f"wrote {count} {format} examples to {out}")
 
 
 if __name__ == "__main__":

@@ -188,9 +188,7 @@ def test_bad_feedback_is_400_and_stores_nothing(db_client: TestClient, db_settin
 
 @pytest.mark.parametrize("payload", ["not json", "[]", '{"completion_id": 5, "rating": "up"}'])
 def test_malformed_feedback_bodies(db_client: TestClient, payload: str):
-    response = db_client.post(
-        "/v1/feedback", content=payload, headers={"content-type": "application/json"}
-    )
+    response = db_client.post("/v1/feedback", content=payload, headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -199,7 +197,8 @@ def test_side_by_side_and_preference(db_client: TestClient, db_settings: Setting
     from tests.utils.adapters import make_adapter_dir
 
     loaded = db_client.post(
-        "/admin/adapters", json={"name": "v2", "path": str(make_adapter_dir(tmp_path / "v2"))},
+        "/admin/adapters",
+        json={"name": "v2", "path": str(make_adapter_dir(tmp_path / "v2"))},
         headers=admin_headers,
     )
     assert loaded.status_code == 201, loaded.text
@@ -209,9 +208,7 @@ def test_side_by_side_and_preference(db_client: TestClient, db_settings: Setting
     assert pair["object"] == "chat.comparison"
     first, second = pair["completions"]
     assert {first["model"], second["model"]} == {"fake-base", "v2"}
-    rows = wait_for_rows(
-        db_settings.db_url, "SELECT id, pair_id, conversation_id FROM completion", 2
-    )
+    rows = wait_for_rows(db_settings.db_url, "SELECT id, pair_id, conversation_id FROM completion", 2)
     assert {r["pair_id"] for r in rows} == {pair["id"]}
     assert {r["conversation_id"] for r in rows} == {pair["conversation_id"]}
 
@@ -228,7 +225,10 @@ def test_side_by_side_and_preference(db_client: TestClient, db_settings: Setting
     assert again.status_code == 200
     prefs = wait_for_rows(db_settings.db_url, "SELECT * FROM preference", 1, timeout=0)
     assert len(prefs) == 1
-    assert (prefs[0]["chosen_completion_id"], prefs[0]["rejected_completion_id"]) == (first["id"], second["id"])
+    assert (prefs[0]["chosen_completion_id"], prefs[0]["rejected_completion_id"]) == (
+        first["id"],
+        second["id"],
+    )
 
 
 def test_preference_errors(db_client: TestClient):

@@ -64,7 +64,9 @@ def count(url: str, table: str) -> int:
 
 
 def writer_for(url: str, spool: Path, **options) -> FeedbackWriter:
-    writer = FeedbackWriter(make_engine(url), spool, retry_interval=options.pop("retry_interval", 0.2), **options)
+    writer = FeedbackWriter(
+        make_engine(url), spool, retry_interval=options.pop("retry_interval", 0.2), **options
+    )
     writer.start()
     return writer
 
