@@ -20,4 +20,21 @@ fi
 if [[ "$extra" == cpu ]]; then
     "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
+# The browser tests (tests/feedback/test_widget_e2e.py) drive Debian's chromium through Playwright,
+# which cannot download browsers here. Best effort: without chromium those tests skip.
+install_chromium() {
+    [[ -x /usr/bin/chromium ]] && return 0
+    if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "loopchat install: /usr/bin/chromium missing (installing it needs root and apt-get); browser tests will skip" >&2
+        return 0
+    fi
+    echo "loopchat install: installing chromium (apt-get) for the browser tests"
+    local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -y -qq)
+    # Stale or empty package lists make the first try fail: refresh them once and retry.
+    if ! "${apt[@]}" install --no-install-recommends chromium >/dev/null 2>&1 \
+        && ! { "${apt[@]}" update && "${apt[@]}" install --no-install-recommends chromium >/dev/null; }; then
+        echo "loopchat install: apt-get could not install chromium; browser tests will skip" >&2
+    fi
+}
+install_chromium
 "$venv/bin/python" -c "import vllm, torch; print(f'loopchat install ok: vllm {vllm.__version__}, torch {torch.__version__}')"

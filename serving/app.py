@@ -19,7 +19,7 @@ from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
 from serving.errors import install_error_handlers
-from serving.routes import admin, chat, health, models
+from serving.routes import admin, chat, health, models, ui
 from serving.routes import feedback as feedback_routes
 from serving.settings import Settings, get_settings
 
@@ -128,6 +128,7 @@ def create_app(
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(feedback_routes.router)
+    app.include_router(ui.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
     return app

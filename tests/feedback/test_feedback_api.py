@@ -63,6 +63,18 @@ def test_streamed_completion_is_logged(db_client: TestClient, db_settings: Setti
     assert row["finish_reason"] == "length" and row["completion_tokens"] == 4
 
 
+def test_engine_fault_is_logged_with_its_error(db_client: TestClient, db_settings: Settings, fake_engine):
+    fake_engine.fail_with = RuntimeError("device lost")
+    # Same running app, but answer 500 instead of re-raising the fault in the test.
+    client = TestClient(db_client.app, raise_server_exceptions=False)
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == "internal server error"
+    rows = wait_for_rows(db_settings.db_url, "SELECT * FROM completion", 1)
+    assert rows[0]["error"] == "RuntimeError: device lost"
+    assert rows[0]["finish_reason"] == "abort" and rows[0]["completion_tokens"] == 1
+
+
 def test_conversation_continues_through_metadata(db_client: TestClient, db_settings: Settings):
     first = chat(db_client)
     second = chat(

@@ -29,6 +29,8 @@ class FakeEngine:
         self._max_model_len = max_model_len
         self.token_delay = token_delay
         self.start_delay = start_delay
+        # When set, generation raises it after the first token (an engine fault mid-answer).
+        self.fail_with: Exception | None = None
         self._ready = False
         self.adapters: dict[int, AdapterSpec] = {}
         self.running: set[str] = set()
@@ -90,6 +92,8 @@ class FakeEngine:
                             text="", token_ids=[1], logprobs=[-0.5], finish_reason="stop", stop_reason=stop
                         )
                         return
+                if produced == 1 and self.fail_with is not None:
+                    raise self.fail_with
                 produced += 1
                 done = produced >= options.max_tokens
                 yield GenerationChunk(
