@@ -7,6 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from feedback.redact import Redactor
 from serving.settings import Settings
 from tests.utils.db import wait_for_rows
 
@@ -36,7 +37,8 @@ def test_completion_is_logged_with_what_served_it(db_client: TestClient, db_sett
     assert (row["experiment"], row["variant"], row["pair_id"]) == ("", "", None)
     messages = row["messages"] if isinstance(row["messages"], list) else json.loads(row["messages"])
     assert messages == [{"role": "user", "content": "hello there"}]
-    assert row["response"] == body["choices"][0]["message"]["content"]
+    # Stored as sent, but for PII the default policy replaces before storage.
+    assert row["response"] == Redactor().redact(body["choices"][0]["message"]["content"])
     sampling = row["sampling"] if isinstance(row["sampling"], dict) else json.loads(row["sampling"])
     assert sampling["temperature"] == 0.5 and sampling["seed"] == 7 and sampling["stop"] == ["zzz"]
     assert sampling["max_tokens"] == 4
