@@ -51,9 +51,12 @@ settings with LOOPCHAT_FEEDBACK__LOG_COMPLETIONS=false (off) or true (on), one f
 round, alternating off, on, off, on ... (`--rounds` of each). Each round is bench/serving.py's
 closed-loop streaming scenario: `--chat-concurrency` chats, max_tokens 64, a staggered warm-up,
 then a `--chat-duration` s window. The figure is median(on tok/s) / median(off tok/s), target
->= 0.98. Two shared cores give about +-10% between windows of the same server, which is larger
-than the effect looked for; alternating rounds and medians are the mitigation, and the per-round
-figures are kept so the noise can be seen. With logging on, the `completion` table must end up
+>= 0.98. Servers of the same setting differ by up to about 6% on two cores (four off rounds in
+one run: 72.7-76.9 tok/s; another process on the machine makes it +-10%), more than the 2%
+looked for; alternating rounds and medians are the mitigation, and the per-round figures are
+kept so the noise can be seen (with two rounds each, one run measured 0.978 and the next, with
+four, 1.008: the verdict says "within noise" when a miss is smaller than the spread between
+rounds of the same setting). With logging on, the `completion` table must end up
 with one row per successful chat (the warm-up request included); with it off, with none.
 
 Results: a table on the console, bench/results/feedback.json (every figure, the machine, the
@@ -62,8 +65,11 @@ targets: >= 1000 ratings/s on SQLite on two cores; chat throughput with logging 
 without). Targets are reported, not enforced: the exit status is 0 unless a server failed to
 start or died, or the script itself failed.
 
+A full run takes about 12 minutes (each server start is about 20 s; the on/off comparison is six
+servers with three rounds).
+
 Usage: .venv/bin/python bench/feedback.py [--duration 20] [--rating-concurrency 64]
-       [--chat-concurrency 8] [--rounds 2] [--skip-postgres] [--skip-chat-ab]
+       [--chat-concurrency 8] [--rounds 3] [--skip-postgres] [--skip-chat-ab]
 """
 
 from __future__ import annotations
@@ -969,6 +975,13 @@ def chat_comparison(runs: list[RunResult]) -> dict[str, Any] | None:
         "off_spread_pct": round(100 * (max(off) - min(off)) / statistics.median(off), 1),
         "on_spread_pct": round(100 * (max(on) - min(on)) / statistics.median(on), 1),
         "all_spread_pct": round(100 * (max(spread) - min(spread)) / statistics.median(spread), 1),
+        # A miss smaller than the spread between rounds of one setting says little.
+        "within_noise": ratio < CHAT_RATIO_TARGET
+        and 100 * (CHAT_RATIO_TARGET - ratio)
+        < max(
+            100 * (max(off) - min(off)) / statistics.median(off),
+            100 * (max(on) - min(on)) / statistics.median(on),
+        ),
         "rows_match": all(r.figures["rows_match"] for r in ok),
         "disturbed": any(r.figures["other_cpu_pct"] > OTHER_CPU_MAX_PCT for r in ok),
     }
@@ -1111,7 +1124,9 @@ def summary_rows(ratings: list[RunResult], chat: dict[str, Any] | None) -> list[
                 "chat tok/s, log on / off (median)",
                 f">= {CHAT_RATIO_TARGET}",
                 f"{chat['ratio']:.3f} ({chat['on_median']} / {chat['off_median']})",
-                _verdict(chat["pass"]) + (" (DISTURBED)" if chat["disturbed"] else ""),
+                _verdict(chat["pass"])
+                + (" (within noise)" if chat["within_noise"] else "")
+                + (" (DISTURBED)" if chat["disturbed"] else ""),
             ]
         )
         rows.append(
@@ -1234,7 +1249,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chat-concurrency", type=int, default=8, help="streaming chats (both scenarios)")
     parser.add_argument("--chat-duration", type=float, default=30.0, help="chat window of each on/off round")
     parser.add_argument("--chat-baseline", type=float, default=10.0, help="chat-only window before ratings")
-    parser.add_argument("--rounds", type=int, default=2, help="on/off rounds of each kind, alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="on/off rounds of each kind, alternating")
     parser.add_argument("--pool", type=int, default=300, help="completions to rate")
     parser.add_argument("--warmup", type=float, default=5.0, help="minimum seconds of chat before a window")
     parser.add_argument("--max-tokens", type=int, default=64)

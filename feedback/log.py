@@ -157,11 +157,16 @@ class FeedbackWriter:
         if first is _STOP:
             return [], True
         batch = [first]
+        waited_on = first.ack is not None
         deadline = time.monotonic() + self._flush_interval
         while len(batch) < self._batch_size:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
+                if waited_on:
+                    # Group commit: someone waits for this batch, so write what has come in;
+                    # whatever arrives during the commit makes the next batch.
+                    break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -172,6 +177,7 @@ class FeedbackWriter:
             if item is _STOP:
                 return batch, True
             batch.append(item)
+            waited_on = waited_on or item.ack is not None
         return batch, False
 
     def _handle(self, batch: list[Record]) -> None:

@@ -52,6 +52,14 @@ class EngineSettings(BaseSettings):
         True, description="Ask the engine for the sampled tokens' log-probabilities (confidence)."
     )
     warmup: bool = Field(True, description="Run one short request before reporting ready.")
+    engine_cpu_nice: int | None = Field(
+        None,
+        ge=0,
+        le=19,
+        description="Nice value of the engine's own processes. None: 10 on CPU (the API process, "
+        "which parses requests, streams tokens and stores ratings, goes first when both want a "
+        "core), 0 on GPU. Has no effect while a core is free.",
+    )
 
 
 class FeedbackSettings(BaseSettings):

@@ -145,6 +145,8 @@ class VLLMEngine:
         self._engine = await asyncio.to_thread(self._build)
         self._tokenizer = self._engine.get_tokenizer()
         self._max_model_len = self._engine.model_config.max_model_len
+        nice = self._settings.engine.engine_cpu_nice
+        lower_engine_priority(10 if nice is None and not self._on_gpu else nice or 0)
         if self._settings.engine.warmup:
             await self._warmup()
         self._ready = True
@@ -264,6 +266,28 @@ class VLLMEngine:
         if self._engine is not None:
             self._stats.unfinished_requests = self._engine.get_num_unfinished_requests()
         return self._stats
+
+
+def lower_engine_priority(nice: int) -> None:
+    """Renice every thread of the engine's child processes (the engine core and its OpenMP pool).
+
+    On a CPU machine the engine core would otherwise take the cores from the API process, whose
+    work (parsing requests, streaming tokens, storing ratings) is short and latency-bound. Linux
+    keeps a nice value per thread, so each existing thread is set; threads started later inherit
+    the value of the thread that starts them.
+    """
+    if nice <= 0:
+        return
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            for thread in child.threads():
+                os.setpriority(os.PRIO_PROCESS, thread.id, nice)
+        except (psutil.Error, OSError) as exc:
+            logger.warning("could not lower the priority of engine process %d: %s", child.pid, exc)
+            continue
+    logger.info("engine processes run at nice %d", nice)
 
 
 def _check_adapter_config(adapter: AdapterSpec, *, max_rank: int) -> None:
