@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, String, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Ratings by clients without a user key share this key: one current rating per completion.
@@ -54,7 +54,7 @@ class Completion(SQLModel, table=True):
     created_at: datetime = _timestamp(index=True)
     model_version: str = Field(max_length=128, index=True)
     # Filled by A/B routing; empty when no experiment served the request.
-    experiment: str = Field(default="", max_length=128)
+    experiment: str = Field(default="", max_length=128, index=True)
     variant: str = Field(default="", max_length=128)
     # Side-by-side answers to one prompt share a pair id.
     pair_id: str | None = Field(default=None, max_length=64, index=True)
@@ -126,3 +126,100 @@ class Preference(SQLModel, table=True):
 
 def pair_key(first: str, second: str) -> str:
     return "|".join(sorted((first, second)))
+
+
+# -- model registry and experiments ------------------------------------------------------------
+
+VERSION_STATUSES = ("candidate", "canary", "active", "rejected", "retired")
+# Versions every serving process keeps loaded.
+SERVABLE_STATUSES = ("candidate", "canary", "active")
+
+
+class ModelVersionRecord(SQLModel, table=True):
+    """One model version: a LoRA adapter on the base model (the base itself has no row)."""
+
+    __tablename__ = "model_version"
+    # At most one active version: the alias serves it (or the base when there is none).
+    __table_args__ = (
+        Index(
+            "uq_model_version_one_active",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ),
+    )
+
+    name: str = Field(primary_key=True, max_length=128)
+    base_model: str = Field(max_length=512)
+    adapter_path: str = Field(max_length=1024)
+    parent: str | None = Field(default=None, max_length=128)
+    dataset_version: str | None = Field(default=None, max_length=128)
+    training_run: str | None = Field(default=None, max_length=128)
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="candidate", max_length=16, index=True)
+    status_reason: str | None = Field(default=None, max_length=1024)
+    created_at: datetime = _timestamp()
+    updated_at: datetime = _timestamp()
+
+
+class Experiment(SQLModel, table=True):
+    """An A/B test or canary on the alias: variants are model versions with weights."""
+
+    __table_args__ = (
+        Index(
+            "uq_experiment_one_running",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+    name: str = Field(primary_key=True, max_length=128)
+    # running, promoted, rolled_back, stopped; at most one experiment runs at a time.
+    status: str = Field(default="running", max_length=16, index=True)
+    salt: str = Field(max_length=128)
+    control: str = Field(max_length=128)
+    # [{"name": variant, "version": model version, "weight": percent}], control included.
+    variants: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    # Candidate percentages, one stage after another; [] for fixed weights.
+    ramp: list[float] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    stage: int = 0
+    stage_started_at: datetime = _timestamp()
+    # The experiment's full spec (policy, minimum samples, guardrails) as given.
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Bumped on every change: decisions apply only to the state they were computed on.
+    revision: int = 0
+    created_at: datetime = _timestamp()
+    updated_at: datetime = _timestamp()
+    ended_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class ABDecision(SQLModel, table=True):
+    """Every decision about an experiment, automatic or by an operator, with its numbers."""
+
+    __tablename__ = "ab_decision"
+
+    id: int | None = Field(default=None, primary_key=True)
+    experiment: str = Field(
+        sa_column_args=[ForeignKey("experiment.name", ondelete="CASCADE")], max_length=128, index=True
+    )
+    # start, ramp, promote, rollback, weights, stop
+    action: str = Field(max_length=16)
+    variant: str | None = Field(default=None, max_length=128)
+    reason: str = Field(default="", max_length=2048)
+    actor: str = Field(default="auto", max_length=64)
+    numbers: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    weights_before: dict[str, float] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    weights_after: dict[str, float] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _timestamp(index=True)
+
+
+class RegistryState(SQLModel, table=True):
+    """One row: a counter every registry or experiment change bumps, so replicas poll cheaply."""
+
+    __tablename__ = "registry_state"
+
+    id: int = Field(default=1, primary_key=True)
+    revision: int = 0

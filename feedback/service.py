@@ -227,6 +227,22 @@ class FeedbackService:
             raise _unavailable() from None
         return None if row is None else CompletionRef(row.user_key, row.prompt_hash)
 
+    def first_answer(self, conversation_id: str) -> tuple[str, str, str] | None:
+        """(model version, experiment, variant) of a conversation's first logged answer."""
+        try:
+            with self._engine.connect() as connection:
+                row = connection.execute(
+                    select(Completion.model_version, Completion.experiment, Completion.variant)
+                    .where(Completion.conversation_id == conversation_id)
+                    .order_by(Completion.created_at)
+                    .limit(1)
+                ).first()
+        except SQLAlchemyError as exc:
+            # Routing goes on without the pin rather than failing the chat.
+            logger.warning("conversation lookup failed: %s", exc.__class__.__name__)
+            return None
+        return None if row is None else (row.model_version, row.experiment, row.variant)
+
     async def _store(self, record: dict[str, Any]) -> None:
         try:
             await self._writer.submit_and_wait(record)

@@ -133,3 +133,54 @@ class FeedbackMetrics:
         self.records.labels(outcome).inc(count)
         if outcome == "written" and seconds:
             self.batch_seconds.observe(seconds)
+
+
+class ExperimentMetrics:
+    """Routing weights, A/B decisions and adapter loads of a serving process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.weight = Gauge(
+            "loopchat_experiment_weight_percent",
+            "Share of the alias's traffic each variant of the running experiment gets",
+            ["experiment", "variant", "model_version"],
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "loopchat_ab_decisions_total",
+            "A/B decisions taken by this process's evaluator (promote, rollback, ramp)",
+            ["experiment", "action"],
+            registry=registry,
+        )
+        self.p_value = Gauge(
+            "loopchat_experiment_p_value",
+            "Always-valid p-value of each candidate against the control at the last evaluation",
+            ["experiment", "variant"],
+            registry=registry,
+        )
+        self.positive_rate = Gauge(
+            "loopchat_experiment_positive_rate",
+            "Positive share of judged ratings per variant at the last evaluation",
+            ["experiment", "variant"],
+            registry=registry,
+        )
+        self.adapter_loads = Counter(
+            "loopchat_adapter_loads_total",
+            "Adapter loads by outcome (ok, failed)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.adapter_load_seconds = Histogram(
+            "loopchat_adapter_load_seconds",
+            "Time to load one adapter into the engine",
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.adapter_failed = Gauge(
+            "loopchat_adapter_load_failed",
+            "1 for each registered version this process could not load (its traffic goes to control)",
+            ["model_version"],
+            registry=registry,
+        )
+        self.registry_revision = Gauge(
+            "loopchat_registry_revision", "Registry revision this process routes by", registry=registry
+        )

@@ -10,36 +10,61 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, make_asgi_app
+from sqlalchemy.exc import SQLAlchemyError
 
 from feedback.db import make_engine, migrate
 from feedback.log import FeedbackWriter
 from feedback.service import FeedbackService, record_redactor
-from monitoring.metrics import FeedbackMetrics, ServingMetrics
+from monitoring.metrics import ExperimentMetrics, FeedbackMetrics, ServingMetrics
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
 from serving.errors import install_error_handlers
-from serving.routes import admin, chat, health, models, ui
+from serving.experiments import ExperimentService
+from serving.router import ABRouter
+from serving.routes import admin, chat, experiments, health, models, ui
 from serving.routes import feedback as feedback_routes
 from serving.settings import Settings, get_settings
+from serving.watcher import ExperimentEvaluator, RegistryWatcher, bootstrap_registry
 
 logger = logging.getLogger(__name__)
 
 
 async def _start_engine(app: FastAPI) -> None:
-    """Load the model, then the configured adapters; the server answers probes meanwhile."""
+    """Load the model, then the registry's versions; the server answers probes meanwhile."""
     state = app.state
     try:
         await state.engine.start()
-        for name, path in state.settings.adapters.items():
-            await state.adapters.load(name, path)
-        state.adapters.set_active(state.settings.active_model)
+        await _start_registry(app)
     except Exception as exc:
         logger.exception("engine start failed")
         state.engine_error = f"{type(exc).__name__}: {exc}"
         if state.exit_on_engine_failure:
             # Let the supervisor (systemd, Kubernetes) restart the process.
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _start_registry(app: FastAPI) -> None:
+    """Register the configured adapters and experiments, sync with the registry, start the loops."""
+    state, settings = app.state, app.state.settings
+    try:
+        await bootstrap_registry(
+            state.database,
+            state.adapters,
+            state.experiments,
+            adapters_to_register=settings.adapters,
+            active=settings.active_model,
+            experiments_file=settings.ab.experiments_file,
+            base_model=settings.model_path,
+        )
+        await state.watcher.sync(force=True)
+    except SQLAlchemyError as exc:
+        # Serve the base (and configured adapters) now; the watcher retries the database.
+        logger.error("model registry unavailable at start-up: %s", exc.__class__.__name__)
+    state.registry_synced = True
+    state.background.append(asyncio.create_task(state.watcher.run(), name="registry-watcher"))
+    if settings.ab.evaluate:
+        state.background.append(asyncio.create_task(state.evaluator.run(), name="experiment-evaluator"))
 
 
 async def _start_feedback(app: FastAPI, settings: Settings, registry: CollectorRegistry):
@@ -94,6 +119,19 @@ def create_app(
             app.state.engine = engine
         app.state.adapters = AdapterSet(app.state.engine)
         writer, database = await _start_feedback(app, settings, registry)
+        app.state.database = database
+        base_name = app.state.engine.model_name
+        ab_metrics = ExperimentMetrics(registry)
+        router = ABRouter(base_name, lookup=app.state.feedback.first_answer)
+        app.state.experiments = ExperimentService(database, base_name=base_name)
+        app.state.watcher = RegistryWatcher(
+            database, app.state.adapters, router, ab_metrics, poll_interval=settings.ab.poll_interval_s
+        )
+        app.state.evaluator = ExperimentEvaluator(
+            app.state.experiments, app.state.watcher, ab_metrics, interval=settings.ab.evaluation_interval_s
+        )
+        app.state.background = []
+        app.state.registry_synced = False
         metrics = ServingMetrics(registry, app.state.engine)
         app.state.chat = ChatService(
             app.state.engine,
@@ -101,6 +139,7 @@ def create_app(
             metrics=metrics,
             log=app.state.feedback,
             sampled_logprobs=settings.engine.sampled_logprobs,
+            router=router,
         )
         app.state.engine_error = None
         app.state.exit_on_engine_failure = exit_on_engine_failure
@@ -109,6 +148,8 @@ def create_app(
             yield
         finally:
             starting.cancel()
+            for task in app.state.background:
+                task.cancel()
             await app.state.engine.shutdown()
             # After the engine: the last completions are logged before the writer drains.
             await asyncio.to_thread(writer.close)
@@ -131,4 +172,5 @@ def create_app(
     app.include_router(ui.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
+        app.include_router(experiments.router)
     return app

@@ -18,9 +18,11 @@ from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
 from serving.engine.base import ChatEngine, InvalidPromptError, SamplingOptions
 from serving.errors import APIError, bad_request
 from serving.protocol import ChatCompletionRequest
+from serving.settings import ALIAS_MODEL
 
 if TYPE_CHECKING:
     from monitoring.metrics import ServingMetrics
+    from serving.router import ABRouter, Route
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +96,11 @@ class ChatService:
         metrics: ServingMetrics | None = None,
         log: CompletionLog | None = None,
         sampled_logprobs: bool = True,
+        router: ABRouter | None = None,
     ) -> None:
         self._engine = engine
         self._adapters = adapters
+        self._router = router
         self._metrics = metrics
         self._log = log
         self._sampled_logprobs = sampled_logprobs
@@ -114,12 +118,32 @@ class ChatService:
         newest = max(others, key=lambda v: (v.created, v.adapter.engine_id if v.adapter else 0))
         return active.name, newest.name
 
-    def prepare(self, request: ChatCompletionRequest, *, model: str | None = None) -> PreparedChat:
+    async def prepare_routed(self, request: ChatCompletionRequest) -> PreparedChat:
+        """`prepare`, with the alias routed by the running experiment (sticky per user and
+        conversation); a request naming a version gets that version."""
+        if self._router is None or request.model not in (None, ALIAS_MODEL):
+            return self.prepare(request)
+        given = (request.metadata or {}).get("conversation_id")
+        conversation_id = given or new_conversation_id()
+        route = await self._router.route(request.user, conversation_id, existing=given is not None)
+        return self.prepare(request, route=route, conversation_id=conversation_id)
+
+    def prepare(
+        self,
+        request: ChatCompletionRequest,
+        *,
+        model: str | None = None,
+        route: Route | None = None,
+        conversation_id: str | None = None,
+    ) -> PreparedChat:
         """Every check that can fail on the client's input, before the engine sees it.
 
-        `model` overrides the request's model (side-by-side answers from two versions).
+        `model` overrides the request's model (side-by-side answers from two versions); `route`
+        is the router's choice for the alias.
         """
         requested = model if model is not None else request.model
+        if route is not None:
+            requested = route.version
         try:
             version = self._adapters.resolve(requested)
         except UnknownModelError:
@@ -169,7 +193,7 @@ class ChatService:
         metadata = request.metadata or {}
         return PreparedChat(
             completion_id=new_completion_id(),
-            conversation_id=metadata.get("conversation_id") or new_conversation_id(),
+            conversation_id=conversation_id or metadata.get("conversation_id") or new_conversation_id(),
             version=version,
             prompt_token_ids=prompt_ids,
             options=options,
@@ -177,6 +201,8 @@ class ChatService:
             messages=messages,
             user=request.user,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
+            experiment=route.experiment if route is not None else "",
+            variant=route.variant if route is not None else "",
         )
 
     async def _run(self, chat: PreparedChat, result: CompletionResult) -> AsyncIterator[str]:

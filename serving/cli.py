@@ -8,11 +8,15 @@ from typing import Annotated
 
 import typer
 
+from serving.cli_registry import ab_app, adapters_app
+
 app = typer.Typer(help="loopchat: chat serving with a feedback loop.", no_args_is_help=True)
 model_app = typer.Typer(help="The base model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 db_app = typer.Typer(help="The conversation and feedback database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(ab_app, name="ab")
 
 
 def _setup_logging(level: str) -> None:
@@ -76,7 +80,7 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _database():
+def database():
     """The configured database, migrated; exits with a clear message when it is unreachable."""
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -99,7 +103,7 @@ def db_upgrade() -> None:
     """Apply the database migrations (the server also does this at start-up)."""
     from feedback.db import current_revision
 
-    settings, engine = _database()
+    settings, engine = database()
     engine.dispose()
     typer.echo(f"database at revision {current_revision(settings.db_url)}")
 
@@ -116,7 +120,7 @@ def db_purge(
         age = parse_duration(older_than)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
-    _, engine = _database()
+    _, engine = database()
     deleted = purge_older_than(engine, age, dry_run=dry_run)
     engine.dispose()
     typer.echo(f"{'would delete' if dry_run else 'deleted'}: {deleted}")
@@ -132,7 +136,7 @@ def db_delete_user(
 
     if not user:
         raise _fail("a user key is required")
-    _, engine = _database()
+    _, engine = database()
     deleted = delete_user(engine, user, dry_run=dry_run)
     engine.dispose()
     typer.echo(f"{'would delete' if dry_run else 'deleted'}: {deleted}")
@@ -161,7 +165,7 @@ def export(
             where.since = datetime.now(UTC) - parse_duration(since)
         except ValueError as exc:
             raise _fail(str(exc)) from exc
-    settings, engine = _database()
+    settings, engine = database()
     redactor = Redactor(settings.feedback.custom_patterns)
     count = export_jsonl(engine, format, out, redactor, where, metadata=metadata)  # type: ignore[arg-type]
     engine.dispose()

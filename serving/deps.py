@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
 
 from feedback.service import FeedbackService
 from monitoring.metrics import FeedbackMetrics
@@ -18,7 +19,9 @@ from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
 from serving.errors import APIError
+from serving.experiments import ExperimentService
 from serving.settings import Settings
+from serving.watcher import RegistryWatcher
 
 
 async def get_settings(request: Request) -> Settings:
@@ -29,8 +32,13 @@ async def get_engine(request: Request) -> ChatEngine:
     return request.app.state.engine
 
 
+def serving_ready(state) -> bool:
+    """The engine serves and this process has applied the registry (or found it unreachable)."""
+    return state.engine.ready and getattr(state, "registry_synced", False)
+
+
 async def require_ready(request: Request) -> None:
-    if not request.app.state.engine.ready:
+    if not serving_ready(request.app.state):
         raise APIError(
             503,
             "The model is still loading; retry shortly.",
@@ -53,6 +61,18 @@ async def get_feedback(request: Request) -> FeedbackService:
 
 async def get_feedback_metrics(request: Request) -> FeedbackMetrics:
     return request.app.state.feedback_metrics
+
+
+async def get_database(request: Request) -> Engine:
+    return request.app.state.database
+
+
+async def get_experiments(request: Request) -> ExperimentService:
+    return request.app.state.experiments
+
+
+async def get_watcher(request: Request) -> RegistryWatcher:
+    return request.app.state.watcher
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -78,5 +98,8 @@ AdaptersDep = Annotated[AdapterSet, Depends(get_adapters)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
 FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
 FeedbackMetricsDep = Annotated[FeedbackMetrics, Depends(get_feedback_metrics)]
+DatabaseDep = Annotated[Engine, Depends(get_database)]
+ExperimentsDep = Annotated[ExperimentService, Depends(get_experiments)]
+WatcherDep = Annotated[RegistryWatcher, Depends(get_watcher)]
 ReadyDep = Depends(require_ready)
 AdminDep = Depends(require_admin)

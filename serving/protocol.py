@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
@@ -180,13 +181,58 @@ class ErrorResponse(BaseModel):
 
 
 class AdapterLoadRequest(BaseModel):
+    """Register a LoRA adapter as a new model version (loaded here first to validate it)."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[
         str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
     ]
-    path: str = Field(..., min_length=1, description="Folder with adapter_config.json and weights.")
+    path: str = Field(
+        ..., min_length=1, max_length=1024, description="Folder with adapter_config.json and weights."
+    )
     parent: str | None = Field(None, max_length=128, description="Model version it was trained from.")
+    dataset_version: str | None = Field(None, max_length=128)
+    training_run: str | None = Field(None, max_length=128)
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="Evaluation metrics, as training reports them."
+    )
+
+
+class ModelVersionInfo(BaseModel):
+    """A registry entry, with whether this process has it loaded."""
+
+    name: str
+    base_model: str
+    adapter_path: str
+    parent: str | None = None
+    dataset_version: str | None = None
+    training_run: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    status: str
+    status_reason: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    loaded: bool = False
+    load_error: str | None = None
+
+
+class ModelVersionList(BaseModel):
+    data: list[ModelVersionInfo]
+    count: int
+
+
+class WeightsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[str, float] = Field(..., min_length=1, description="Candidate variant -> percent.")
+
+
+class DecisionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str | None = Field(None, max_length=128, description="Candidate variant; needed with several.")
+    reason: str = Field("", max_length=1000)
 
 
 class ActiveModelRequest(BaseModel):

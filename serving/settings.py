@@ -92,6 +92,23 @@ class FeedbackSettings(BaseSettings):
     max_tags: int = Field(16, ge=0)
 
 
+class ABSettings(BaseSettings):
+    """The model registry and A/B experiments."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    poll_interval_s: float = Field(
+        2.0, gt=0, le=3600, description="How often a process checks the registry for changes."
+    )
+    evaluate: bool = Field(True, description="Evaluate the running experiment in this process.")
+    evaluation_interval_s: float = Field(
+        30.0, gt=0, description="How often the running experiment is evaluated (promote / roll back / ramp)."
+    )
+    experiments_file: Path | None = Field(
+        None, description="YAML file of experiments started at start-up unless they already exist."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LOOPCHAT_",
@@ -115,10 +132,13 @@ class Settings(BaseSettings):
         None, description="Bearer token for /admin routes; admin routes are off without one."
     )
     active_model: str | None = Field(
-        None, description=f"Model version the alias `{ALIAS_MODEL}` serves; default: the base."
+        None,
+        description=f"Model version the alias `{ALIAS_MODEL}` serves when the registry has no active "
+        "version yet; default: the base.",
     )
     adapters: dict[str, Path] = Field(
-        default_factory=dict, description="Adapters (name -> folder) loaded at start-up."
+        default_factory=dict,
+        description="Adapters (name -> folder) registered at start-up unless the registry has them.",
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
     database_url: str | None = Field(
@@ -127,6 +147,7 @@ class Settings(BaseSettings):
     )
     auto_migrate: bool = Field(True, description="Apply database migrations at start-up.")
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    ab: ABSettings = Field(default_factory=ABSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -9,7 +9,6 @@ too long) before anything reaches the engine.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -247,7 +246,9 @@ class VLLMEngine:
             raise EngineNotReady("engine is not ready")
         from vllm.lora.request import LoRARequest
 
-        _check_adapter_config(adapter, max_rank=self._settings.engine.max_lora_rank)
+        from serving.registry import read_adapter_config
+
+        read_adapter_config(adapter.path, max_rank=self._settings.engine.max_lora_rank)
         request = LoRARequest(adapter.name, adapter.engine_id, str(adapter.path))
         try:
             await self._engine.add_lora(request)
@@ -288,23 +289,3 @@ def lower_engine_priority(nice: int) -> None:
             logger.warning("could not lower the priority of engine process %d: %s", child.pid, exc)
             continue
     logger.info("engine processes run at nice %d", nice)
-
-
-def _check_adapter_config(adapter: AdapterSpec, *, max_rank: int) -> None:
-    """Refuse folders vLLM would fail on, with a message a person can act on."""
-    config_file = adapter.path / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterLoadError(f"{adapter.path} has no adapter_config.json (not a peft LoRA)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"{config_file} is not valid JSON") from exc
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterLoadError(f"{adapter.path} is a {config.get('peft_type')} adapter, not LoRA")
-    rank = int(config.get("r", 0))
-    if rank > max_rank:
-        raise AdapterLoadError(f"adapter rank {rank} exceeds the engine's max_lora_rank {max_rank}")
-    if not any(
-        (adapter.path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")
-    ):
-        raise AdapterLoadError(f"{adapter.path} has no adapter weights")

@@ -1,54 +1,129 @@
-"""Operator routes; mounted only when an admin token is configured."""
+"""Operator routes for the model registry; mounted only when an admin token is configured."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, Response
+from sqlmodel import Session
 
-from serving.adapters import AdapterConflictError, UnknownModelError
-from serving.deps import AdaptersDep, AdminDep, ReadyDep
+from serving.adapters import AdapterConflictError
+from serving.deps import AdaptersDep, AdminDep, DatabaseDep, ReadyDep, SettingsDep, WatcherDep
 from serving.engine.base import AdapterLoadError
 from serving.errors import APIError, bad_request
-from serving.protocol import ActiveModelRequest, AdapterLoadRequest, ErrorResponse, ModelCard
+from serving.protocol import (
+    ActiveModelRequest,
+    AdapterLoadRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelVersionInfo,
+    ModelVersionList,
+)
+from serving.registry import (
+    VersionConflictError,
+    VersionInfo,
+    VersionNotFoundError,
+    activate,
+    list_versions,
+    retire_version,
+)
+from serving.watcher import RegistryWatcher, register_adapter
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep, ReadyDep])
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
 
 
+def _not_found(name: str) -> APIError:
+    return APIError(404, f"The model `{name}` does not exist.", param="name", code="model_not_found")
+
+
+@router.get("/adapters", response_model=ModelVersionList, responses=_ERRORS)
+async def list_adapters(
+    database: DatabaseDep, watcher: WatcherDep, adapters: AdaptersDep
+) -> ModelVersionList:
+    """Every registered model version, whatever its status, and whether this process serves it."""
+
+    def read():
+        with Session(database) as session:
+            return list_versions(session=session)
+
+    loaded = {v.name for v in adapters.versions()}
+    data = [
+        ModelVersionInfo(
+            **row.model_dump(), loaded=row.name in loaded, load_error=watcher.failed.get(row.name)
+        )
+        for row in await asyncio.to_thread(read)
+    ]
+    return ModelVersionList(data=data, count=len(data))
+
+
 @router.post("/adapters", status_code=201, response_model=ModelCard, responses=_ERRORS)
-async def load_adapter(body: AdapterLoadRequest, adapters: AdaptersDep) -> ModelCard:
-    """Load a LoRA adapter into the running engine as a new model version."""
+async def load_adapter(
+    body: AdapterLoadRequest, adapters: AdaptersDep, database: DatabaseDep, settings: SettingsDep
+) -> ModelCard:
+    """Register a LoRA adapter as a new model version (status candidate): it is loaded here
+    first, so a broken adapter is refused with nothing stored; every replica then loads it."""
     path = Path(body.path)
     if not path.is_dir():
         raise bad_request(f"adapter folder {body.path} does not exist", param="path")
+    info = VersionInfo(body.parent, body.dataset_version, body.training_run, body.metrics)
     try:
-        version = await adapters.load(body.name, path, parent=body.parent)
+        await register_adapter(database, adapters, body.name, path, base_model=settings.model_path, info=info)
     except AdapterConflictError as exc:
         raise APIError(409, str(exc), param="name") from exc
     except AdapterLoadError as exc:
         raise bad_request(str(exc), param="path") from exc
-    return ModelCard(id=version.name, created=version.created, root=str(path), parent=version.parent)
+    version = adapters.get(body.name)
+    return ModelCard(
+        id=version.name, created=version.created, root=str(path.resolve()), parent=version.parent
+    )
+
+
+async def _change(watcher: RegistryWatcher, database, change) -> None:
+    """Run a registry change in one transaction, then apply it to this process at once."""
+
+    def run() -> None:
+        with Session(database) as session:
+            change(session)
+            session.commit()
+
+    await asyncio.to_thread(run)
+    await watcher.sync()
 
 
 @router.delete("/adapters/{name}", status_code=204, responses=_ERRORS)
-async def unload_adapter(name: str, adapters: AdaptersDep) -> Response:
-    """Unload an adapter; requests already running on it finish first in the engine."""
+async def unload_adapter(name: str, database: DatabaseDep, watcher: WatcherDep) -> Response:
+    """Retire a model version: every process unloads it (requests running on it finish first)."""
     try:
-        await adapters.unload(name)
-    except UnknownModelError:
-        raise APIError(404, f"adapter `{name}` is not loaded", param="name") from None
-    except AdapterConflictError as exc:
+        await _change(watcher, database, lambda session: retire_version(session=session, name=name))
+    except VersionNotFoundError:
+        raise _not_found(name) from None
+    except VersionConflictError as exc:
         raise APIError(409, str(exc), param="name") from exc
     return Response(status_code=204)
 
 
 @router.put("/active", responses=_ERRORS)
-async def set_active(body: ActiveModelRequest, adapters: AdaptersDep) -> dict[str, str]:
-    """Choose the version the alias `loopchat` serves."""
+async def set_active(
+    body: ActiveModelRequest, database: DatabaseDep, watcher: WatcherDep, adapters: AdaptersDep
+):
+    """Choose the version the alias `loopchat` serves (the base model's name: the base)."""
     try:
-        adapters.set_active(body.name)
-    except UnknownModelError:
-        raise APIError(404, f"The model `{body.name}` does not exist.", param="name") from None
+        await _change(
+            watcher,
+            database,
+            lambda session: activate(
+                session=session, name=body.name, base_name=adapters.base.name, reason="operator"
+            ),
+        )
+    except VersionNotFoundError:
+        raise _not_found(body.name) from None
+    except VersionConflictError as exc:
+        raise APIError(409, str(exc), param="name") from exc
+    if adapters.active.name != body.name:
+        raise APIError(
+            503, f"`{body.name}` is active but failed to load here: {watcher.failed.get(body.name)}"
+        )
     return {"active": adapters.active.name}

@@ -31,11 +31,15 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 503)}
 
 
 def _headers(chat: PreparedChat) -> dict[str, str]:
-    return {
+    headers = {
         "x-loopchat-model-version": chat.version.name,
         "x-loopchat-conversation-id": chat.conversation_id,
         "x-loopchat-completion-id": chat.completion_id,
     }
+    if chat.experiment:
+        headers["x-loopchat-experiment"] = chat.experiment
+        headers["x-loopchat-variant"] = chat.variant
+    return headers
 
 
 @router.post(
@@ -46,7 +50,7 @@ def _headers(chat: PreparedChat) -> dict[str, str]:
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat_service: ChatServiceDep):
     """OpenAI-compatible chat completion; `model` may be the base, an adapter or `loopchat`."""
-    chat = chat_service.prepare(body)
+    chat = await chat_service.prepare_routed(body)
     if body.stream:
         return StreamingResponse(
             _sse(chat_service, chat),

@@ -3,6 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from serving.deps import serving_ready
+
 router = APIRouter(tags=["health"])
 
 
@@ -14,9 +16,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "engine not ready"}})
 async def readyz(request: Request) -> JSONResponse:
-    """200 once the engine serves requests; 503 while it loads or after it failed."""
+    """200 once the engine serves requests and the registry's versions are loaded; 503 while
+    loading or after a failure."""
     state = request.app.state
-    if state.engine.ready:
+    if serving_ready(state):
         return JSONResponse({"status": "ready", "model": state.engine.model_name})
     error = getattr(state, "engine_error", None)
     return JSONResponse(

@@ -83,13 +83,25 @@ def test_migrations_match_the_models_and_go_both_ways(database_url: str):
     from alembic import command
 
     migrate(database_url)
-    assert current_revision(database_url) == "0001"
+    assert current_revision(database_url) == "0002"
     command.check(alembic_config(database_url))  # raises if the models drifted from migrations
     migrate(database_url)  # idempotent
     command.downgrade(alembic_config(database_url), "base")
     assert current_revision(database_url) is None
     migrate(database_url)
     assert count(database_url, "completion") == 0
+
+
+def test_upgrading_a_database_in_use_keeps_its_rows(database_url: str):
+    migrate(database_url, "0001")
+    engine = make_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO conversation VALUES ('c1', 'u', :t, :t)"), {"t": "2026-01-01"})
+    engine.dispose()
+    migrate(database_url)
+    assert current_revision(database_url) == "0002"
+    assert count(database_url, "conversation") == 1
+    assert count(database_url, "registry_state") == 1
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path: Path):

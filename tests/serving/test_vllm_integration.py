@@ -228,3 +228,63 @@ def test_client_disconnect_while_waiting_for_whole_answer(live_server: LiveServe
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live_server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=3))
     assert _wait_engine_idle(live_server) == 0
+
+
+def test_ab_experiment_on_the_real_engine(
+    live_server: LiveServer, base_model_path: Path, tmp_path: Path
+) -> None:
+    """A version registered at runtime joins a 50/50 experiment: users split, answers differ by
+    variant, each answer is logged with what served it; the rollback sends everyone back."""
+    import sqlalchemy
+
+    adapter = make_lora_adapter(base_model_path, tmp_path / "ab-v2", rank=8, seed=2)
+    admin, url = live_server.admin_headers, live_server.url
+    body = {"name": "ab-v2", "path": str(adapter)}
+    registered = httpx.post(f"{url}/admin/adapters", json=body, headers=admin, timeout=120)
+    assert registered.status_code == 201, registered.text
+    spec = {
+        "name": "real-ab",
+        "variants": [{"name": "cand", "version": "ab-v2", "weight": 50}],
+        "auto": False,
+    }
+    assert httpx.post(f"{url}/admin/experiments", json=spec, headers=admin, timeout=30).status_code == 201
+    try:
+        answers: dict[str, set[str]] = {"control": set(), "cand": set()}
+        served: dict[str, str] = {}
+        for i in range(16):
+            response = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"messages": PROMPT, "max_tokens": 12, "temperature": 0, "user": f"real-user-{i}"},
+                timeout=120,
+            )
+            assert response.status_code == 200, response.text
+            variant = response.headers["x-loopchat-variant"]
+            assert response.headers["x-loopchat-model-version"] == (
+                "ab-v2" if variant == "cand" else "SmolLM2-135M-Instruct"
+            )
+            answers[variant].add(response.json()["choices"][0]["message"]["content"])
+            served[response.headers["x-loopchat-completion-id"]] = variant
+        # Greedy decoding: one answer per variant, and the two variants answer differently.
+        assert len(answers["control"]) == 1 and len(answers["cand"]) == 1
+        assert answers["control"] != answers["cand"]
+        engine = sqlalchemy.create_engine(live_server.database_url)
+        deadline = time.monotonic() + 10
+        while True:
+            with engine.connect() as connection:
+                logged = dict(
+                    connection.execute(
+                        sqlalchemy.text("SELECT id, variant FROM completion WHERE experiment = 'real-ab'")
+                    ).all()
+                )
+            if len(logged) >= len(served) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        engine.dispose()
+        assert {k: logged.get(k) for k in served} == served
+    finally:
+        rolled = httpx.post(f"{url}/admin/experiments/real-ab/rollback", json={}, headers=admin, timeout=30)
+        assert rolled.status_code == 200
+    body = {"messages": PROMPT, "max_tokens": 2, "user": "real-user-0"}
+    after = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert after.headers["x-loopchat-model-version"] == "SmolLM2-135M-Instruct"
+    assert "ab-v2" not in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}

@@ -32,6 +32,8 @@ class FakeEngine:
         self.start_delay = start_delay
         # When set, generation raises it after the first token (an engine fault mid-answer).
         self.fail_with: Exception | None = None
+        # Adapters (by name) whose answers fail the same way: a broken model version.
+        self.failing_adapters: set[str] = set()
         self._ready = False
         self.adapters: dict[int, AdapterSpec] = {}
         self.running: set[str] = set()
@@ -96,6 +98,8 @@ class FakeEngine:
                         return
                 if produced == 1 and self.fail_with is not None:
                     raise self.fail_with
+                if produced == 1 and adapter is not None and adapter.name in self.failing_adapters:
+                    raise RuntimeError(f"injected fault in {adapter.name}")
                 produced += 1
                 done = produced >= options.max_tokens
                 yield GenerationChunk(

@@ -1,0 +1,293 @@
+"""A/B statistics that stay valid when the results are looked at after every batch.
+
+Decisions use the mixture sequential probability ratio test (mSPRT) of Johari, Pekelis and
+Walsh ("Always valid inference", 2017; the test behind Optimizely's and Eppo's sequential
+results) on the difference of two proportions. With the normal approximation and a normal
+mixing distribution N(0, tau^2) on the true difference theta, the likelihood ratio after the
+data seen so far is
+
+    Lambda = sqrt(V / (V + tau^2)) * exp(theta_hat^2 * tau^2 / (2 V (V + tau^2)))
+
+where theta_hat is the observed difference and V its variance. Lambda is a martingale under
+"no difference", so by Ville's inequality P(Lambda ever reaches 1/alpha) <= alpha however
+often it is checked: the always-valid p-value is min(1, 1/Lambda) and its running minimum.
+A candidate is promoted when Lambda >= 1/alpha and theta_hat > 0 (a one-sided decision of a
+two-sided test, so the false-promotion rate is at most alpha, about alpha/2 in practice), and
+`decide` adds a minimum sample size per arm and the guardrails.
+
+tau is the effect size the test is tuned for (the standard deviation of the mixing prior): the
+test is fastest for true differences near tau and still valid for any.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Literal
+
+Action = Literal["hold", "promote", "rollback"]
+
+
+@dataclass(frozen=True, slots=True)
+class SequentialResult:
+    """The always-valid comparison of a candidate's rate with the control's."""
+
+    control_rate: float | None
+    candidate_rate: float | None
+    difference: float | None
+    log_likelihood_ratio: float
+    p_value: float
+    # Always-valid (1 - alpha) confidence interval of candidate - control.
+    interval: tuple[float, float] | None
+
+    def crossed(self, alpha: float) -> bool:
+        return self.log_likelihood_ratio >= math.log(1 / alpha)
+
+
+def _variance(successes: int, trials: int) -> float:
+    # Shrunk towards 1/2 (add one success and one failure) so that 0/n and n/n do not give a
+    # variance of zero, which would make any difference look certain.
+    p = (successes + 1) / (trials + 2)
+    return p * (1 - p) / trials
+
+
+def msprt(
+    control_successes: int,
+    control_trials: int,
+    candidate_successes: int,
+    candidate_trials: int,
+    *,
+    tau: float = 0.08,
+    alpha: float = 0.05,
+) -> SequentialResult:
+    """mSPRT of candidate - control for two proportions (see the module docstring)."""
+    if control_trials <= 0 or candidate_trials <= 0:
+        return SequentialResult(
+            control_successes / control_trials if control_trials else None,
+            candidate_successes / candidate_trials if candidate_trials else None,
+            None,
+            0.0,
+            1.0,
+            None,
+        )
+    rate_a = control_successes / control_trials
+    rate_b = candidate_successes / candidate_trials
+    theta = rate_b - rate_a
+    v = _variance(control_successes, control_trials) + _variance(candidate_successes, candidate_trials)
+    t2 = tau * tau
+    log_lr = 0.5 * math.log(v / (v + t2)) + theta * theta * t2 / (2 * v * (v + t2))
+    p_value = min(1.0, math.exp(-log_lr))
+    # Inverting the test: the differences theta0 it would not reject at alpha.
+    radius = rejection_radius(v, tau, alpha)
+    return SequentialResult(rate_a, rate_b, theta, log_lr, p_value, (theta - radius, theta + radius))
+
+
+def rejection_radius(v: float, tau: float, alpha: float) -> float:
+    """The |theta_hat| at which Lambda reaches 1/alpha, for an estimate of variance v."""
+    t2 = tau * tau
+    radius_sq = v * (v + t2) / t2 * (2 * math.log(1 / alpha) - math.log(v / (v + t2)))
+    return math.sqrt(max(radius_sq, 0.0))
+
+
+def predicted_samples_per_arm(
+    control_rate: float,
+    candidate_rate: float,
+    *,
+    tau: float = 0.08,
+    alpha: float = 0.05,
+    power: float = 0.5,
+    limit: int = 10**7,
+) -> int:
+    """Samples per arm by which a true difference is detected with probability >= `power`.
+
+    At n samples per arm the estimate is about N(theta, V(n)); the test has fired by then at
+    least when the estimate is beyond the rejection radius r(n), so the smallest n with
+    theta - z_power * sqrt(V(n)) >= r(n) is a (slightly conservative) sample size for that
+    power. power=0.5 is where the expected path of the statistic crosses the threshold.
+    """
+    theta = abs(candidate_rate - control_rate)
+    if theta == 0:
+        return limit
+    spread = control_rate * (1 - control_rate) + candidate_rate * (1 - candidate_rate)
+    z = NormalDist().inv_cdf(power)
+
+    def detected(n: int) -> bool:
+        v = spread / n
+        return theta - z * math.sqrt(v) >= rejection_radius(v, tau, alpha)
+
+    low, high = 1, 2
+    while not detected(high):
+        low, high = high, high * 2
+        if high > limit:
+            return limit
+    while low < high:
+        mid = (low + high) // 2
+        if detected(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionPolicy:
+    alpha: float = 0.05
+    tau: float = 0.08
+    min_ratings_per_variant: int = 100
+    # Guardrails: checked once a variant has served `guardrail_min_requests` requests.
+    guardrail_min_requests: int = 20
+    max_error_rate: float = 0.05
+    max_latency_p95_ratio: float = 1.5
+    # Negative-feedback guardrail: candidate's negative rate minus the control's.
+    max_negative_rate_increase: float = 0.15
+    guardrail_min_ratings: int = 30
+
+
+@dataclass(slots=True)
+class VariantOutcome:
+    """What one variant's traffic produced (see feedback.outcomes)."""
+
+    variant: str
+    model_version: str
+    requests: int = 0
+    errors: int = 0
+    latency_p95_ms: float | None = None
+    mean_completion_tokens: float | None = None
+    positive: int = 0
+    negative: int = 0
+    rated: int = 0
+    mean_stars: float | None = None
+    corrections: int = 0
+    pairwise_wins: int = 0
+    pairwise_losses: int = 0
+
+    @property
+    def judged(self) -> int:
+        """Ratings that say good or bad (thumbs, or stars other than 3)."""
+        return self.positive + self.negative
+
+    @property
+    def positive_rate(self) -> float | None:
+        return self.positive / self.judged if self.judged else None
+
+    @property
+    def negative_rate(self) -> float | None:
+        return self.negative / self.judged if self.judged else None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def correction_rate(self) -> float | None:
+        return self.corrections / self.rated if self.rated else None
+
+    @property
+    def win_rate(self) -> float | None:
+        games = self.pairwise_wins + self.pairwise_losses
+        return self.pairwise_wins / games if games else None
+
+
+@dataclass(slots=True)
+class Decision:
+    action: Action
+    reason: str
+    candidate: str | None = None
+    numbers: dict = field(default_factory=dict)
+
+
+def guardrail_breach(
+    control: VariantOutcome, candidate: VariantOutcome, policy: DecisionPolicy
+) -> str | None:
+    """Why the candidate must be rolled back at once, or None."""
+    if candidate.requests >= policy.guardrail_min_requests:
+        rate = candidate.error_rate or 0.0
+        if rate > policy.max_error_rate:
+            counts = f"{candidate.errors}/{candidate.requests}"
+            return f"error rate {rate:.3f} > {policy.max_error_rate:.3f} ({counts})"
+        if (
+            candidate.latency_p95_ms is not None
+            and control.latency_p95_ms
+            and control.requests >= policy.guardrail_min_requests
+            and candidate.latency_p95_ms > policy.max_latency_p95_ratio * control.latency_p95_ms
+        ):
+            return (
+                f"latency p95 {candidate.latency_p95_ms:.0f} ms > {policy.max_latency_p95_ratio:g} x "
+                f"control's {control.latency_p95_ms:.0f} ms"
+            )
+    if candidate.judged >= policy.guardrail_min_ratings and control.judged >= policy.guardrail_min_ratings:
+        # A spike of negative ratings: larger than the margin and beyond chance (the same
+        # always-valid test, on the negative rate), so checking often does not cause false alarms.
+        spike = msprt(control.negative, control.judged, candidate.negative, candidate.judged,
+                      tau=policy.tau, alpha=policy.alpha)  # fmt: skip
+        increase = spike.difference or 0.0
+        if increase > policy.max_negative_rate_increase and spike.crossed(policy.alpha):
+            return (
+                f"negative feedback {spike.candidate_rate:.3f} vs control {spike.control_rate:.3f} "
+                f"(+{increase:.3f} > {policy.max_negative_rate_increase:.3f}, "
+                f"always-valid p = {spike.p_value:.4f})"
+            )
+    return None
+
+
+def compare(control: VariantOutcome, candidate: VariantOutcome, policy: DecisionPolicy, k: int = 1):
+    """The sequential test of one candidate against the control (Bonferroni over k candidates)."""
+    return msprt(
+        control.positive,
+        control.judged,
+        candidate.positive,
+        candidate.judged,
+        tau=policy.tau,
+        alpha=policy.alpha / k,
+    )
+
+
+def decide(control: VariantOutcome, candidates: list[VariantOutcome], policy: DecisionPolicy) -> Decision:
+    """Keep, promote or roll back: guardrails first, then the always-valid test.
+
+    With several candidates each is compared with the control at alpha / k (Bonferroni); a
+    breach or a significantly worse candidate is rolled back alone, and the best candidate that
+    is significantly better than the control is promoted.
+    """
+    k = max(1, len(candidates))
+    alpha = policy.alpha / k
+    numbers: dict = {"alpha": alpha, "tau": policy.tau, "variants": {}}
+    best: tuple[float, VariantOutcome, SequentialResult] | None = None
+    for candidate in candidates:
+        result = compare(control, candidate, policy, k)
+        numbers["variants"][candidate.variant] = {
+            "difference": result.difference,
+            "p_value": result.p_value,
+            "log_lr": result.log_likelihood_ratio,
+            "interval": result.interval,
+            "judged": candidate.judged,
+        }
+        breach = guardrail_breach(control, candidate, policy)
+        if breach is not None:
+            return Decision("rollback", f"guardrail: {breach}", candidate.variant, numbers)
+        enough = min(candidate.judged, control.judged) >= policy.min_ratings_per_variant
+        if not (enough and result.crossed(alpha)):
+            continue
+        assert result.difference is not None
+        if result.difference < 0:
+            return Decision(
+                "rollback",
+                f"positive rate {result.candidate_rate:.3f} below control's {result.control_rate:.3f} "
+                f"(always-valid p = {result.p_value:.4f} <= {alpha:.4f})",
+                candidate.variant,
+                numbers,
+            )
+        if best is None or result.difference > best[0]:
+            best = (result.difference, candidate, result)
+    if best is not None:
+        _, candidate, result = best
+        return Decision(
+            "promote",
+            f"positive rate {result.candidate_rate:.3f} beats control's {result.control_rate:.3f} "
+            f"(always-valid p = {result.p_value:.4f} <= {alpha:.4f}, "
+            f"n = {candidate.judged} / {control.judged})",
+            candidate.variant,
+            numbers,
+        )
+    return Decision("hold", "no significant difference yet", None, numbers)

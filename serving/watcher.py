@@ -1,0 +1,281 @@
+"""Keeps one serving process in step with the registry, and evaluates the running experiment.
+
+`RegistryWatcher.sync` reads the registry revision (one tiny query); when it changed, it loads
+the servable versions this process lacks, unloads the ones taken out of service, points the
+alias at the active version and hands the router a new table. Every replica runs one, so a
+version registered or promoted anywhere is served everywhere within `poll_interval_s`.
+`ExperimentEvaluator` runs the decision rule of the running experiment every
+`evaluation_interval_s`; with several replicas each may evaluate, and the experiment's
+optimistic lock lets only the first apply a given decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlmodel import Session, select
+
+from feedback.models import Experiment, ModelVersionRecord
+from monitoring.metrics import ExperimentMetrics
+from serving.adapters import AdapterConflictError, AdapterSet, UnknownModelError
+from serving.engine.base import AdapterLoadError, EngineError
+from serving.experiments import ExperimentNotFoundError, ExperimentService, load_specs
+from serving.registry import (
+    VersionConflictError,
+    VersionInfo,
+    activate,
+    active_version,
+    check_adapter_base,
+    current_revision,
+    list_versions,
+    read_adapter_config,
+    register_version,
+    servable_versions,
+)
+from serving.router import ABRouter, ExperimentRoute, RoutingTable
+from serving.settings import ALIAS_MODEL
+
+logger = logging.getLogger(__name__)
+
+
+class RegistryWatcher:
+    def __init__(
+        self,
+        database: Engine,
+        adapters: AdapterSet,
+        router: ABRouter,
+        metrics: ExperimentMetrics,
+        *,
+        poll_interval: float = 2.0,
+    ) -> None:
+        self._database = database
+        self._adapters = adapters
+        self._router = router
+        self._metrics = metrics
+        self._poll_interval = poll_interval
+        self._seen: int | None = None
+        self._lock = asyncio.Lock()
+        # Versions that failed to load here, with why; retried at the next registry change.
+        self.failed: dict[str, str] = {}
+
+    def _read(self) -> tuple[int, list[ModelVersionRecord], Experiment | None]:
+        with Session(self._database) as session:
+            revision = current_revision(session=session)
+            versions = servable_versions(session=session)
+            experiment = session.exec(select(Experiment).where(Experiment.status == "running")).first()
+            return revision, versions, experiment
+
+    def _read_revision(self) -> int:
+        with Session(self._database) as session:
+            return current_revision(session=session)
+
+    async def sync(self, *, force: bool = False) -> bool:
+        """Apply the registry if it changed; True when something was (re)applied."""
+        async with self._lock:
+            unchanged = not force and self._seen is not None
+            if unchanged and await asyncio.to_thread(self._read_revision) == self._seen:
+                return False
+            revision, versions, experiment = await asyncio.to_thread(self._read)
+            await self._reconcile(versions)
+            self._route(versions, experiment)
+            self._seen = revision
+            self._metrics.registry_revision.set(revision)
+            return True
+
+    async def _reconcile(self, versions: list[ModelVersionRecord]) -> None:
+        adapters = self._adapters
+        wanted = {v.name: v for v in versions}
+        loaded = {v.name for v in adapters.versions()} - {adapters.base.name}
+        for name, record in wanted.items():
+            if name in loaded:
+                continue
+            started = time.perf_counter()
+            try:
+                await adapters.load(name, Path(record.adapter_path), parent=record.parent or None)
+            except (AdapterLoadError, AdapterConflictError, EngineError, OSError) as exc:
+                self.failed[name] = str(exc)
+                self._metrics.adapter_loads.labels("failed").inc()
+                self._metrics.adapter_failed.labels(name).set(1)
+                logger.error(
+                    "model version %s could not be loaded; its traffic goes to control: %s", name, exc
+                )
+                continue
+            self.failed.pop(name, None)
+            self._metrics.adapter_loads.labels("ok").inc()
+            self._metrics.adapter_failed.labels(name).set(0)
+            self._metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+            logger.info("model version %s loaded (%s)", name, record.status)
+        active = next((v.name for v in versions if v.status == "active" and v.name in self._loaded()), None)
+        adapters.set_active(active)
+        for name in loaded - set(wanted):
+            try:
+                await adapters.unload(name)
+                logger.info("model version %s unloaded", name)
+            except (UnknownModelError, AdapterConflictError) as exc:
+                logger.warning("could not unload %s: %s", name, exc)
+        for name in list(self.failed):
+            if name not in wanted:
+                self.failed.pop(name)
+                self._metrics.adapter_failed.labels(name).set(0)
+
+    def _loaded(self) -> set[str]:
+        return {v.name for v in self._adapters.versions()}
+
+    def _route(self, versions: list[ModelVersionRecord], experiment: Experiment | None) -> None:
+        self._metrics.weight.clear()
+        route = None
+        if experiment is not None:
+            route = ExperimentRoute(experiment.name, experiment.salt, list(experiment.variants))
+            for variant in experiment.variants:
+                self._metrics.weight.labels(experiment.name, variant["name"], variant["version"]).set(
+                    variant["weight"]
+                )
+        self._router.update(
+            RoutingTable(
+                active=self._adapters.active.name, experiment=route, servable=frozenset(self._loaded())
+            )
+        )
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            try:
+                await self.sync()
+            except (SQLAlchemyError, OSError) as exc:
+                # Keep serving with the last known table while the database is away.
+                logger.warning("registry sync failed: %s", exc.__class__.__name__)
+            except Exception:
+                logger.exception("registry sync failed")
+
+
+class ExperimentEvaluator:
+    def __init__(
+        self,
+        service: ExperimentService,
+        watcher: RegistryWatcher,
+        metrics: ExperimentMetrics,
+        *,
+        interval: float = 30.0,
+    ) -> None:
+        self._service = service
+        self._watcher = watcher
+        self._metrics = metrics
+        self._interval = interval
+
+    async def evaluate_once(self) -> None:
+        running = await asyncio.to_thread(self._service.running)
+        if running is None:
+            return
+        decision = await asyncio.to_thread(self._service.evaluate, running.name)
+        for variant, numbers in decision.numbers.get("variants", {}).items():
+            self._metrics.p_value.labels(running.name, variant).set(numbers["p_value"])
+        for variant, numbers in decision.numbers.get("outcomes", {}).items():
+            if numbers.get("positive_rate") is not None:
+                self._metrics.positive_rate.labels(running.name, variant).set(numbers["positive_rate"])
+        if decision.action != "hold" and running.spec.get("auto", True):
+            self._metrics.decisions.labels(running.name, decision.action).inc()
+            logger.info("experiment %s: %s %s (%s)", running.name, decision.action,
+                        decision.candidate or "", decision.reason)  # fmt: skip
+            # Route by the decision now rather than at the next poll.
+            await self._watcher.sync()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.evaluate_once()
+            except (SQLAlchemyError, OSError) as exc:
+                logger.warning("experiment evaluation failed: %s", exc.__class__.__name__)
+            except Exception:
+                logger.exception("experiment evaluation failed")
+
+
+async def register_adapter(
+    database: Engine,
+    adapters: AdapterSet,
+    name: str,
+    path: Path,
+    *,
+    base_model: Path,
+    info: VersionInfo | None = None,
+) -> ModelVersionRecord:
+    """Validate a new version by loading it here, then record it; other processes follow.
+
+    Nothing is recorded when the adapter fails to load, was trained on another base, or the
+    name is taken (then it is unloaded again).
+    """
+    info = info or VersionInfo()
+    if name in (ALIAS_MODEL, adapters.base.name):
+        raise AdapterConflictError(f"{name!r} is reserved")
+    # The engine's load checks the weights; the config is read here for the base model's name.
+    config = await asyncio.to_thread(read_adapter_config, path, require_weights=False)
+    check_adapter_base(config, base_model=base_model, base_name=adapters.base.name)
+    await adapters.load(name, path, parent=info.parent)
+
+    def record() -> ModelVersionRecord:
+        with Session(database) as session:
+            row = register_version(
+                session=session,
+                name=name,
+                adapter_path=path.expanduser().resolve(),
+                base_model=adapters.base.name,
+                info=VersionInfo(info.parent or adapters.base.name, info.dataset_version, info.training_run,
+                                 info.metrics),
+            )  # fmt: skip
+            session.commit()
+            session.refresh(row)
+            return row
+
+    try:
+        return await asyncio.to_thread(record)
+    except (VersionConflictError, IntegrityError) as exc:
+        await adapters.unload(name)
+        raise AdapterConflictError(f"model version {name!r} already exists") from exc
+    except BaseException:
+        await adapters.unload(name)
+        raise
+
+
+async def bootstrap_registry(
+    database: Engine,
+    adapters: AdapterSet,
+    experiments: ExperimentService,
+    *,
+    adapters_to_register: dict[str, Path],
+    active: str | None,
+    experiments_file: Path | None,
+    base_model: Path,
+) -> None:
+    """Start-up: configured adapters and experiments go into the registry unless already there,
+    and `active` becomes the active version if the registry has none."""
+
+    def known() -> set[str]:
+        with Session(database) as session:
+            return {v.name for v in list_versions(session=session)}
+
+    names = await asyncio.to_thread(known)
+    for name, path in adapters_to_register.items():
+        if name not in names:
+            await register_adapter(database, adapters, name, path, base_model=base_model)
+            logger.info("registered configured adapter %s (%s)", name, path)
+    if active is not None:
+
+        def activate_if_none() -> None:
+            with Session(database) as session:
+                if active_version(session=session) is None:
+                    activate(session=session, name=active, base_name=adapters.base.name, reason="configured")
+                    session.commit()
+
+        await asyncio.to_thread(activate_if_none)
+    if experiments_file is not None:
+        for spec in load_specs(experiments_file):
+            try:
+                await asyncio.to_thread(experiments.get, spec.name)
+            except ExperimentNotFoundError:
+                await asyncio.to_thread(experiments.start, spec, actor="config")
+                logger.info("started experiment %s from %s", spec.name, experiments_file)

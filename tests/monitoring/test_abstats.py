@@ -1,0 +1,124 @@
+"""The A/B decision rule, by simulation with known true rates, checked after every batch."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import pytest
+
+from monitoring.abstats import (
+    DecisionPolicy,
+    VariantOutcome,
+    decide,
+    msprt,
+    predicted_samples_per_arm,
+)
+
+POLICY = DecisionPolicy()  # alpha 0.05, tau 0.08, at least 100 judged ratings per arm
+BATCH = 20  # ratings per arm between two looks
+
+
+def simulate(rng: random.Random, control_rate: float, candidate_rate: float, max_per_arm: int):
+    """Ratings arrive in batches; `decide` runs after every batch. (action, ratings per arm)."""
+    control, candidate = VariantOutcome("control", "a"), VariantOutcome("b", "b")
+    n = 0
+    while n < max_per_arm:
+        n += BATCH
+        for outcome, rate in ((control, control_rate), (candidate, candidate_rate)):
+            wins = sum(rng.random() < rate for _ in range(BATCH))
+            outcome.positive += wins
+            outcome.negative += BATCH - wins
+            outcome.requests += BATCH
+            outcome.rated += BATCH
+        decision = decide(control, [candidate], POLICY)
+        if decision.action != "hold":
+            return decision.action, n
+    return "hold", n
+
+
+def test_false_promotions_stay_under_five_percent_in_aa_experiments() -> None:
+    rng = random.Random(20261125)
+    runs = 300
+    results = [simulate(rng, 0.5, 0.5, max_per_arm=3000) for _ in range(runs)]
+    promoted = sum(action == "promote" for action, _ in results) / runs
+    decided = sum(action != "hold" for action, _ in results) / runs
+    print(f"A/A: {runs} runs, 150 looks each: false promotions {promoted:.3f}, any decision {decided:.3f}")
+    assert promoted <= 0.05
+    # The two-sided error is bounded by alpha too.
+    assert decided <= POLICY.alpha
+
+
+def test_a_better_candidate_is_promoted_within_the_predicted_sample_size() -> None:
+    rng = random.Random(7)
+    typical = predicted_samples_per_arm(0.5, 0.6, tau=POLICY.tau, alpha=POLICY.alpha)
+    likely = predicted_samples_per_arm(0.5, 0.6, tau=POLICY.tau, alpha=POLICY.alpha, power=0.9)
+    results = [simulate(rng, 0.5, 0.6, max_per_arm=20 * likely) for _ in range(200)]
+    stops = [n for action, n in results if action == "promote"]
+    within = sum(n <= likely for n in stops) / len(results)
+    print(
+        f"0.60 vs 0.50: predicted {typical} per arm (median), {likely} (90%); "
+        f"observed median {statistics.median(stops)}, {within:.3f} promoted within {likely}"
+    )
+    assert len(stops) == len(results), "every run promotes the better candidate, none rolls it back"
+    assert statistics.median(stops) <= typical + BATCH
+    assert within >= 0.85
+
+
+def test_a_worse_candidate_is_rolled_back() -> None:
+    rng = random.Random(3)
+    actions = [simulate(rng, 0.6, 0.4, max_per_arm=3000)[0] for _ in range(50)]
+    assert actions.count("rollback") == 50
+
+
+def test_guardrails_roll_back_at_once() -> None:
+    control = VariantOutcome("control", "a", requests=100, errors=1, latency_p95_ms=800)
+    erring = VariantOutcome("b", "b", requests=25, errors=3, latency_p95_ms=800)
+    decision = decide(control, [erring], POLICY)
+    assert decision.action == "rollback" and decision.candidate == "b"
+    assert "error rate" in decision.reason
+
+    slow = VariantOutcome("b", "b", requests=25, errors=0, latency_p95_ms=1300)
+    assert "latency p95" in decide(control, [slow], POLICY).reason
+
+    # A spike of thumbs-down (0.20 -> 0.75 negative) on 60 ratings: far below the 100 ratings the
+    # promotion test waits for, but beyond chance already.
+    control_rated = VariantOutcome("control", "a", requests=100, positive=48, negative=12)
+    disliked = VariantOutcome("b", "b", requests=100, positive=15, negative=45)
+    decision = decide(control_rated, [disliked], POLICY)
+    assert decision.action == "rollback" and "negative feedback" in decision.reason
+    # The same margin on a handful of ratings is not yet evidence.
+    few = VariantOutcome("b", "b", requests=100, positive=14, negative=16)
+    assert decide(VariantOutcome("control", "a", positive=22, negative=8), [few], POLICY).action == "hold"
+
+    # Too few requests for the guardrail to judge.
+    early = VariantOutcome("b", "b", requests=5, errors=2)
+    assert decide(control, [early], POLICY).action == "hold"
+
+
+def test_no_decision_before_the_minimum_sample() -> None:
+    control = VariantOutcome("control", "a", requests=60, positive=10, negative=40)
+    candidate = VariantOutcome("b", "b", requests=60, positive=50, negative=10)
+    assert msprt(10, 50, 50, 60).crossed(POLICY.alpha)
+    assert decide(control, [candidate], POLICY).action == "hold"
+
+
+def test_the_best_of_several_candidates_is_promoted_at_a_bonferroni_alpha() -> None:
+    control = VariantOutcome("control", "a", positive=500, negative=500)
+    good = VariantOutcome("good", "g", positive=600, negative=400)
+    better = VariantOutcome("better", "h", positive=650, negative=350)
+    decision = decide(control, [good, better], POLICY)
+    assert decision.action == "promote" and decision.candidate == "better"
+    assert decision.numbers["alpha"] == pytest.approx(POLICY.alpha / 2)
+
+
+def test_msprt_interval_and_edge_cases() -> None:
+    result = msprt(400, 1000, 460, 1000)
+    low, high = result.interval
+    assert low < result.difference < high
+    assert result.difference == pytest.approx(0.06)
+    # No data: nothing to say.
+    empty = msprt(0, 0, 0, 0)
+    assert empty.p_value == 1.0 and empty.interval is None
+    # All-or-nothing rates do not make a difference look certain on a handful of samples.
+    assert not msprt(0, 3, 3, 3).crossed(0.05)
