@@ -130,6 +130,12 @@ def pair_key(first: str, second: str) -> str:
 
 # -- model registry and experiments ------------------------------------------------------------
 
+def _at_most_one(name: str, column: str, value: str) -> Index:
+    """A partial unique index: at most one row with `column = value` (SQLite and PostgreSQL)."""
+    where = text(f"{column} = '{value}'")
+    return Index(name, column, unique=True, sqlite_where=where, postgresql_where=where)
+
+
 VERSION_STATUSES = ("candidate", "canary", "active", "rejected", "retired")
 # Versions every serving process keeps loaded.
 SERVABLE_STATUSES = ("candidate", "canary", "active")
@@ -140,15 +146,7 @@ class ModelVersionRecord(SQLModel, table=True):
 
     __tablename__ = "model_version"
     # At most one active version: the alias serves it (or the base when there is none).
-    __table_args__ = (
-        Index(
-            "uq_model_version_one_active",
-            "status",
-            unique=True,
-            sqlite_where=text("status = 'active'"),
-            postgresql_where=text("status = 'active'"),
-        ),
-    )
+    __table_args__ = (_at_most_one("uq_model_version_one_active", "status", "active"),)
 
     name: str = Field(primary_key=True, max_length=128)
     base_model: str = Field(max_length=512)
@@ -166,15 +164,7 @@ class ModelVersionRecord(SQLModel, table=True):
 class Experiment(SQLModel, table=True):
     """An A/B test or canary on the alias: variants are model versions with weights."""
 
-    __table_args__ = (
-        Index(
-            "uq_experiment_one_running",
-            "status",
-            unique=True,
-            sqlite_where=text("status = 'running'"),
-            postgresql_where=text("status = 'running'"),
-        ),
-    )
+    __table_args__ = (_at_most_one("uq_experiment_one_running", "status", "running"),)
 
     name: str = Field(primary_key=True, max_length=128)
     # running, promoted, rolled_back, stopped; at most one experiment runs at a time.

@@ -237,7 +237,8 @@ def test_ab_experiment_on_the_real_engine(
     variant, each answer is logged with what served it; the rollback sends everyone back."""
     import sqlalchemy
 
-    adapter = make_lora_adapter(base_model_path, tmp_path / "ab-v2", rank=8, seed=2)
+    # Larger weights than peft would train: the two variants must answer visibly apart.
+    adapter = make_lora_adapter(base_model_path, tmp_path / "ab-v2", rank=8, seed=2, std=0.08)
     admin, url = live_server.admin_headers, live_server.url
     body = {"name": "ab-v2", "path": str(adapter)}
     registered = httpx.post(f"{url}/admin/adapters", json=body, headers=admin, timeout=120)
