@@ -130,6 +130,7 @@ def pair_key(first: str, second: str) -> str:
 
 # -- model registry and experiments ------------------------------------------------------------
 
+
 def _at_most_one(name: str, column: str, value: str) -> Index:
     """A partial unique index: at most one row with `column = value` (SQLite and PostgreSQL)."""
     where = text(f"{column} = '{value}'")
