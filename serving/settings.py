@@ -109,6 +109,18 @@ class ABSettings(BaseSettings):
     )
 
 
+class RetrainSettings(BaseSettings):
+    """Retraining inside the serving process (or a separate `loopchat retrain --schedule` job)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    schedule: bool = Field(False, description="Run scheduled retraining in this process.")
+    config_file: Path | None = Field(
+        None, description="Retraining config (YAML); default: built-in defaults."
+    )
+    check_interval_s: float = Field(600, gt=0, description="How often the schedule is checked.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LOOPCHAT_",
@@ -148,6 +160,7 @@ class Settings(BaseSettings):
     auto_migrate: bool = Field(True, description="Apply database migrations at start-up.")
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     ab: ABSettings = Field(default_factory=ABSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
 
     @classmethod
     def settings_customise_sources(

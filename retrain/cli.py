@@ -1,0 +1,130 @@
+"""`loopchat retrain` and `loopchat runs ...`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+runs_app = typer.Typer(help="Retraining runs.", no_args_is_help=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def retrain(
+    config: Annotated[
+        Path | None, typer.Option(help="Retraining config (YAML); see deploy/retrain.example.yaml.")
+    ] = None,
+    schedule: Annotated[
+        bool, typer.Option(help="Keep running: start a run whenever the schedule says so.")
+    ] = False,
+    check_every: Annotated[float, typer.Option(help="With --schedule: minutes between checks.")] = 10.0,
+) -> None:
+    """Run the retraining loop once (select, dataset, train, gate, register, canary), or on a schedule."""
+    from retrain.config import load_config
+    from retrain.pipeline import RetrainBusyError, RetrainRunner, due
+    from serving.cli import database
+
+    try:
+        retrain_config = load_config(config)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    settings, engine = database()
+    runner = RetrainRunner(settings, engine, retrain_config)
+    while True:
+        if schedule:
+            ready, why = due(engine, retrain_config)
+            if not ready:
+                typer.echo(f"not due: {why}")
+                time.sleep(check_every * 60)
+                continue
+        try:
+            run = runner.run(trigger="schedule" if schedule else "manual")
+        except RetrainBusyError as exc:
+            if not schedule:
+                raise _fail(str(exc)) from exc
+            typer.echo(str(exc))
+            time.sleep(check_every * 60)
+            continue
+        typer.echo(f"{run.id}: {run.status}" + (f" ({run.candidate})" if run.candidate else "")
+                   + (f": {run.reason}" if run.reason else ""))  # fmt: skip
+        if not schedule:
+            engine.dispose()
+            if run.status == "failed":
+                raise typer.Exit(1)
+            return
+
+
+@runs_app.command("list")
+def runs_list(limit: Annotated[int, typer.Option(help="Most recent runs shown.")] = 20) -> None:
+    """Recent retraining runs: outcome, method, dataset, candidate, durations."""
+    from rich.console import Console
+    from rich.table import Table
+    from sqlmodel import Session, col, select
+
+    from feedback.models import TrainingRun
+    from serving.cli import database
+
+    _, engine = database()
+    with Session(engine) as session:
+        runs = session.exec(
+            select(TrainingRun).order_by(col(TrainingRun.started_at).desc()).limit(limit)
+        ).all()
+    engine.dispose()
+    table = Table("run", "status", "trigger", "method", "dataset", "candidate", "seconds", "reason")
+    for run in runs:
+        seconds = f"{sum(run.durations.values()):.0f}" if run.durations else "-"
+        table.add_row(run.id, run.status, run.trigger, run.method or "", run.dataset_version or "",
+                      run.candidate or "", seconds, (run.reason or "")[:80])  # fmt: skip
+    Console(width=160).print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
+    """One run in full, with its selected samples (why each was picked)."""
+    from sqlmodel import Session, select
+
+    from feedback.models import TrainingRun, TrainingSample
+    from serving.cli import database
+
+    _, engine = database()
+    with Session(engine) as session:
+        run = session.get(TrainingRun, run_id)
+        if run is None:
+            engine.dispose()
+            raise _fail(f"no run {run_id!r}")
+        samples = session.exec(select(TrainingSample).where(TrainingSample.run_id == run_id)).all()
+        body = run.model_dump(mode="json")
+        body["samples"] = [
+            {"completion_id": s.completion_id, "score": round(s.score, 4), "reasons": s.reasons}
+            for s in samples
+        ]
+    engine.dispose()
+    typer.echo(json.dumps(body, indent=2))
+
+
+def demo(
+    users: Annotated[int, typer.Option(help="Simulated users per phase (one question each).")] = 48,
+    train_steps: Annotated[int, typer.Option(help="SFT steps of the retraining run.")] = 40,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Work folder; default: <data_dir>/demo-<time>.")
+    ] = None,
+) -> None:
+    """One turn of the loop on the embedded model with simulated users of known taste."""
+    from datetime import UTC, datetime
+
+    from retrain.demo import run_demo
+    from serving.settings import Settings
+
+    settings = Settings()
+    folder = data_dir or settings.data_dir / f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    typer.echo(f"demo in {folder} (server, database, adapters); this takes a few minutes on a CPU")
+    report = run_demo(folder, users=users, train_steps=train_steps, base_model=settings.model_path)
+    for line in report.lines():
+        typer.echo(line)

@@ -1,0 +1,145 @@
+"""One configuration for a retraining run: what to select, how to train, when a candidate passes.
+
+Read from YAML (`loopchat retrain --config retrain.yaml`) or built in code; every field has a
+description, which is also the CLI's and README's reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Method = Literal["sft", "kto", "dpo"]
+
+
+class SelectionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    budget: int = Field(2000, ge=1, description="Most logged completions one run selects.")
+    prefilter: int = Field(5, ge=1, description="Candidates embedded per selected sample (top by signal).")
+    novelty_weight: float = Field(0.5, ge=0, description="Weight of distance from what is already picked.")
+    near_duplicate: float = Field(
+        0.95, gt=0, le=1, description="Cosine similarity above which a sample is a duplicate."
+    )
+    confidence_weight: float = Field(
+        0.5, ge=0, description="Weight of the model's uncertainty (logged logprobs)."
+    )
+    embed: bool = Field(
+        True, description="Use MiniLM embeddings for novelty and duplicates (else exact text)."
+    )
+
+
+class TrainingConfig(BaseModel):
+    """TRL and peft hyperparameters (the same for SFT, KTO and DPO where they apply)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: epochs decide).")
+    batch_size: int = Field(8, ge=1, description="Per-device train batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_scheduler: str = Field(
+        "linear", description="transformers scheduler name: linear, cosine, constant ..."
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=16, description="Tokens per example (prompt and answer).")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names LoRA adapts.",
+    )
+    beta: float = Field(0.1, gt=0, description="KTO / DPO: strength of the pull towards the reference.")
+    seed: int = 0
+    early_stopping_patience: int = Field(
+        2, ge=0, description="Evaluations without a better validation loss (0: off)."
+    )
+    eval_steps: int | None = Field(None, ge=1, description="Validate every N steps (None: every epoch).")
+    report_to: list[str] = Field(
+        default_factory=list, description="TRL/transformers loggers: tensorboard, mlflow."
+    )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU, float32 on CPU (bf16 is several times slower there)."
+    )
+
+
+class SearchConfig(BaseModel):
+    """An optional small search, chosen by validation loss."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trials: int = Field(
+        0, ge=0, description="0: no search; else random trials (or the whole grid when smaller)."
+    )
+    learning_rate: list[float] = Field(default_factory=lambda: [5e-5, 1e-4, 2e-4, 5e-4])
+    lora_r: list[int] = Field(default_factory=lambda: [8, 16, 32])
+
+
+class GateConfig(BaseModel):
+    """What a candidate must show on the held-out split, against the champion on the same data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_perplexity_ratio: float = Field(1.0, gt=0, description="Candidate perplexity / champion's, at most.")
+    min_token_accuracy_gain: float = Field(
+        0.0, description="Candidate token accuracy - champion's, at least."
+    )
+    min_preference_accuracy: float = Field(
+        0.5, ge=0, le=1, description="Share of pairs preferring the chosen answer."
+    )
+    min_examples: int = Field(1, ge=1, description="Held-out examples needed to judge at all.")
+    generate_f1: bool = Field(
+        True, description="Also generate answers and score token F1 against references."
+    )
+    f1_examples: int = Field(
+        32, ge=1, description="Held-out prompts answered for token F1 (generation is slow)."
+    )
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class ScheduleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    every_hours: float = Field(24.0, gt=0, description="Least time between two scheduled runs.")
+    min_new_ratings: int = Field(200, ge=0, description="Ratings since the last run needed to start one.")
+
+
+class RetrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["auto", "sft", "kto", "dpo"] = Field(
+        "auto", description="auto: DPO with enough preference pairs, else KTO with enough labels, else SFT."
+    )
+    start_from: Literal["champion", "base"] = Field(
+        "champion", description="Train on top of the active adapter, or fresh from the base model."
+    )
+    min_examples: int = Field(16, ge=1, description="Training examples needed to train at all.")
+    canary: bool = Field(True, description="Start a canary experiment for a candidate that passes the gate.")
+    canary_ramp: list[float] = Field(default_factory=lambda: [5, 25, 50])
+    canary_min_samples_per_stage: int = Field(200, ge=1)
+    canary_policy: dict = Field(
+        default_factory=dict, description="Decision policy of the canary (A/B `policy`)."
+    )
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+def load_config(path: Path | None) -> RetrainConfig:
+    """The config from a YAML file, or the defaults."""
+    if path is None:
+        return RetrainConfig()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return RetrainConfig.model_validate(data)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc

@@ -1,0 +1,194 @@
+"""The offline gate: a candidate adapter against the champion on the held-out split.
+
+Metrics (transformers + peft, greedy, no sampling):
+- perplexity and token accuracy of the reference answers (SFT test split: positively rated
+  answers and corrections), counted on the answer tokens only;
+- token F1 between generated answers and the references (whitespace tokens, SQuAD-style);
+- preference accuracy: the share of held-out pairs (DPO test split) where the model gives the
+  chosen answer a higher log-likelihood than the rejected one.
+The champion (the active adapter, or the base) is scored on the same data; `gate` compares.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retrain.config import GateConfig
+from retrain.dataset import DatasetManifest
+
+
+@dataclass(slots=True)
+class Scores:
+    examples: int = 0
+    perplexity: float | None = None
+    token_accuracy: float | None = None
+    token_f1: float | None = None
+    pairs: int = 0
+    preference_accuracy: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "perplexity": self.perplexity,
+            "token_accuracy": self.token_accuracy,
+            "token_f1": self.token_f1,
+            "pairs": self.pairs,
+            "preference_accuracy": self.preference_accuracy,
+        }
+
+
+@dataclass(slots=True)
+class GateResult:
+    passed: bool
+    reasons: list[str]
+    candidate: Scores
+    champion: Scores
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"candidate": self.candidate.as_dict(), "champion": self.champion.as_dict(), **self.extra}
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    predicted, expected = prediction.lower().split(), reference.lower().split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+class _Scorer:
+    """One model (base, or base + adapter) and its tokenizer, for scoring and generating."""
+
+    def __init__(self, base_model: Path, adapter: Path | None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        self.model = model.eval()
+
+    def _ids(self, prompt: list[dict], answer: str) -> tuple[list[int], int]:
+        template = self.tokenizer.apply_chat_template
+        prompt_ids = list(template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+        full = list(
+            template([*prompt, {"role": "assistant", "content": answer}], tokenize=True, return_dict=False)
+        )
+        if full[: len(prompt_ids)] != prompt_ids:  # a template that re-renders the prompt: append
+            full = prompt_ids + self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return full, len(prompt_ids)
+
+    def answer_stats(self, prompt: list[dict], answer: str) -> tuple[float, int, int]:
+        """(sum of answer-token log-likelihoods, answer tokens, answer tokens predicted right)."""
+        torch = self.torch
+        ids, start = self._ids(prompt, answer)
+        if len(ids) <= start:
+            return 0.0, 0, 0
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        targets = torch.tensor(ids[1:])
+        logprobs = torch.log_softmax(logits, dim=-1)
+        picked = logprobs[torch.arange(len(targets)), targets][start - 1 :]
+        right = (logits.argmax(-1) == targets)[start - 1 :]
+        return float(picked.sum()), int(picked.numel()), int(right.sum())
+
+    def generate(self, prompt: list[dict], max_new_tokens: int) -> str:
+        torch = self.torch
+        ids = self.tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=torch.tensor([list(ids)]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            )
+        return self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def score(
+    base_model: Path,
+    adapter: Path | None,
+    manifest: DatasetManifest,
+    gate: GateConfig,
+    *,
+    split: str = "test",
+) -> Scores:
+    """Every metric of one model on the held-out split."""
+    scorer = _Scorer(base_model, adapter)
+    scores = Scores()
+    references = _rows(manifest.file("sft", split))
+    total_ll, total_tokens, total_right = 0.0, 0, 0
+    for row in references:
+        ll, tokens, right = scorer.answer_stats(row["prompt"], row["completion"][0]["content"])
+        total_ll, total_tokens, total_right = total_ll + ll, total_tokens + tokens, total_right + right
+    scores.examples = len(references)
+    if total_tokens:
+        scores.perplexity = math.exp(-total_ll / total_tokens)
+        scores.token_accuracy = total_right / total_tokens
+    if gate.generate_f1 and references:
+        sample = references[: gate.f1_examples]
+        f1 = [
+            token_f1(scorer.generate(r["prompt"], gate.max_new_tokens), r["completion"][0]["content"])
+            for r in sample
+        ]
+        scores.token_f1 = sum(f1) / len(f1)
+    pairs = _rows(manifest.file("dpo", split))
+    if pairs:
+        wins = 0
+        for row in pairs:
+            chosen, _, _ = scorer.answer_stats(row["prompt"], row["chosen"][0]["content"])
+            rejected, _, _ = scorer.answer_stats(row["prompt"], row["rejected"][0]["content"])
+            wins += chosen > rejected
+        scores.pairs = len(pairs)
+        scores.preference_accuracy = wins / len(pairs)
+    return scores
+
+
+def gate(candidate: Scores, champion: Scores, config: GateConfig) -> GateResult:
+    """Pass or fail, with every reason (all checks are reported, not only the first failure)."""
+    reasons: list[str] = []
+    if candidate.examples + candidate.pairs < config.min_examples:
+        reasons.append(
+            f"only {candidate.examples + candidate.pairs} held-out examples (< {config.min_examples})"
+        )
+    if candidate.perplexity is not None and champion.perplexity is not None:
+        ratio = candidate.perplexity / champion.perplexity
+        if ratio > config.max_perplexity_ratio:
+            reasons.append(
+                f"perplexity {candidate.perplexity:.3f} vs champion {champion.perplexity:.3f} "
+                f"(ratio {ratio:.3f} > {config.max_perplexity_ratio:g})"
+            )
+    if candidate.token_accuracy is not None and champion.token_accuracy is not None:
+        gain = candidate.token_accuracy - champion.token_accuracy
+        if gain < config.min_token_accuracy_gain:
+            reasons.append(f"token accuracy gain {gain:+.4f} < {config.min_token_accuracy_gain:+.4f}")
+    if (
+        candidate.preference_accuracy is not None
+        and candidate.preference_accuracy < config.min_preference_accuracy
+    ):
+        reasons.append(
+            f"preference accuracy {candidate.preference_accuracy:.3f} < {config.min_preference_accuracy:.3f}"
+        )
+    return GateResult(not reasons, reasons, candidate, champion)
