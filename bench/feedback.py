@@ -1140,29 +1140,6 @@ def summary_rows(ratings: list[RunResult], chat: dict[str, Any] | None) -> list[
     return rows
 
 
-def print_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for title, header, rows in tables:
-            print(f"\n{title}")
-            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-            for row in [header, *rows]:
-                print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
-        return
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=220)
-    for title, header, rows in tables:
-        table = Table(title=title)
-        for h in header:
-            table.add_column(h, justify="right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-
-
 def markdown(
     info: dict[str, Any],
     config: dict[str, Any],
@@ -1367,7 +1344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path.write_text(json.dumps(document, indent=2) + "\n")
     md_path.write_text(markdown(info, config, tables, chat, failures))
     print()
-    print_tables(tables)
+    sb.render_tables(tables)
     print(f"\nwrote {json_path} and {md_path} ({elapsed:.0f} s)")
     if failures:
         print(f"server failure: {', '.join(r.name for r in failures)} (logs under {LOG_DIR})")

@@ -971,6 +971,11 @@ def print_tables(results: dict[str, ServerResult], comps: dict[str, dict[str, An
     tables = [("Per server", DETAIL_HEADER, detail_rows(results))]
     if comps:
         tables.append(("loopchat vs vLLM", COMPARISON_HEADER, comparison_rows(results, comps)))
+    render_tables(tables)
+
+
+def render_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> None:
+    """Titled tables on the console (rich when installed, plain columns otherwise)."""
     try:
         from rich.console import Console
         from rich.table import Table

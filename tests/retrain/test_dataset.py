@@ -7,17 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from feedback.db import make_engine, migrate
 from retrain.dataset import build_dataset, kto_weights, split
 from tests.utils.factories import log_completion, log_preference
-
-
-@pytest.fixture
-def engine(database_url: str):
-    migrate(database_url)
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
 
 
 def read(path: Path) -> list[dict]:

@@ -7,19 +7,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from feedback.db import make_engine, migrate
 from feedback.models import TrainingRun, TrainingSample
 from retrain.config import SelectionConfig
 from retrain.select import select_samples
 from tests.utils.factories import log_completion, log_preference
-
-
-@pytest.fixture
-def engine(database_url: str):
-    migrate(database_url)
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
 
 
 def test_signals_rank_the_samples_and_reasons_are_kept(engine) -> None:
