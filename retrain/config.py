@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serving.experiments import PolicySpec
+
 Method = Literal["sft", "kto", "dpo"]
 
 
@@ -124,9 +126,7 @@ class RetrainConfig(BaseModel):
     canary: bool = Field(True, description="Start a canary experiment for a candidate that passes the gate.")
     canary_ramp: list[float] = Field(default_factory=lambda: [5, 25, 50])
     canary_min_samples_per_stage: int = Field(200, ge=1)
-    canary_policy: dict = Field(
-        default_factory=dict, description="Decision policy of the canary (A/B `policy`)."
-    )
+    canary_policy: PolicySpec = Field(default_factory=PolicySpec, description="The canary's decision policy.")
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)

@@ -35,7 +35,7 @@ from retrain.dataset import DatasetManifest, build_dataset
 from retrain.evaluate import GateResult, gate, score
 from retrain.select import select_samples
 from retrain.train import TrainResult, search_trials, train_adapter
-from serving.experiments import ExperimentService, ExperimentSpec, PolicySpec, VariantSpec
+from serving.experiments import ExperimentService, ExperimentSpec, VariantSpec
 from serving.registry import VersionInfo, active_version, register_version
 from serving.settings import Settings
 
@@ -302,7 +302,7 @@ class RetrainRunner:
             variants=[VariantSpec(name="candidate", version=name)],
             ramp=self.config.canary_ramp,
             min_samples_per_stage=self.config.canary_min_samples_per_stage,
-            policy=PolicySpec.model_validate(self.config.canary_policy),
+            policy=self.config.canary_policy,
         )
         service.start(spec, actor=f"retrain {run_id}")
 

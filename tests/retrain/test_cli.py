@@ -50,3 +50,11 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert failed.returncode == 1 and "learning_rate" in failed.stderr and "Traceback" not in failed.stderr
     unknown = run(tmp_path, "runs", "show", "run-nope")
     assert unknown.returncode == 1 and "no run 'run-nope'" in unknown.stderr
+
+
+def test_the_example_retraining_config_is_valid() -> None:
+    from retrain.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[2] / "deploy" / "retrain.example.yaml")
+    assert config.training.lr_scheduler == "cosine" and config.canary_policy.max_latency_p95_ratio == 3.0
+    assert config.selection.budget == 2000 and config.schedule.min_new_ratings == 200
