@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -276,18 +277,26 @@ def throughput(steps: int, rounds: int) -> dict[str, Any]:
     fill(url, 3000)
     engine = make_engine(url)
     selection = select_samples(engine, SelectionConfig(budget=1000, embed=False))
-    manifest = build_dataset(
-        engine, {c.completion_id for c in selection.picked}, WORK / "datasets-throughput"
-    )
+    picked = {c.completion_id for c in selection.picked}
+    manifest = build_dataset(engine, picked, WORK / "datasets-throughput")
     engine.dispose()
     # No validation, as in the bare run: only the training loop is compared.
     config = training_config(steps)
+    plain = _without_validation(manifest)
     ours, bare = [], []
-    for _ in range(rounds):
-        bare.append(bare_trl_tokens_per_second(manifest, config))
+
+    def run_ours() -> None:
         with tempfile.TemporaryDirectory() as scratch:
-            result = train_adapter("sft", _without_validation(manifest), MODEL, Path(scratch) / "a", config)
-            ours.append(result.tokens_per_second)
+            ours.append(train_adapter("sft", plain, MODEL, Path(scratch) / "a", config).tokens_per_second)
+
+    def run_bare() -> None:
+        bare.append(bare_trl_tokens_per_second(manifest, config))
+
+    for index in range(rounds):
+        # Alternate which goes first: the second run of a pair inherits the first one's heap.
+        for run in (run_bare, run_ours) if index % 2 == 0 else (run_ours, run_bare):
+            gc.collect()
+            run()
     ratio = statistics.median(ours) / statistics.median(bare)
     return {
         "steps": steps,
@@ -327,7 +336,10 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--selection-size", type=int, default=1_000_000)
     parser.add_argument("--train-steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--only", choices=("stages", "selection", "throughput"), help="run one part, keep the others' results"
+    )
     args = parser.parse_args()
     if not (MODEL / "config.json").is_file():
         print(f"no model at {MODEL}: run `make model` first")
@@ -336,17 +348,29 @@ def main() -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
     }
-    results["stages"] = []
-    for n in args.sizes:
-        print(f"== stages at {n} logged completions")
-        results["stages"].append(stage_times(n, args.train_steps))
-        print(json.dumps(results["stages"][-1]))
-    print(f"== selection over {args.selection_size} logged completions")
-    results["selection"] = selection_at_scale(args.selection_size)
-    print(json.dumps(results["selection"]))
-    print("== training tokens/s, loopchat vs bare TRL")
-    results["throughput"] = throughput(args.train_steps, args.rounds)
-    print(json.dumps(results["throughput"]))
+    previous = json.loads((OUT / "retrain.json").read_text()) if (OUT / "retrain.json").is_file() else {}
+    if args.only in (None, "stages"):
+        results["stages"] = []
+        for n in args.sizes:
+            print(f"== stages at {n} logged completions")
+            results["stages"].append(stage_times(n, args.train_steps))
+            print(json.dumps(results["stages"][-1]))
+    if args.only in (None, "selection"):
+        print(f"== selection over {args.selection_size} logged completions")
+        results["selection"] = selection_at_scale(args.selection_size)
+        print(json.dumps(results["selection"]))
+    if args.only in (None, "throughput"):
+        print("== training tokens/s, loopchat vs bare TRL")
+        results["throughput"] = throughput(args.train_steps, args.rounds)
+        print(json.dumps(results["throughput"]))
+    for part in ("stages", "selection", "throughput"):
+        if part in results:
+            continue
+        if part not in previous:
+            print(f"no earlier {part} results to keep: run without --only first")
+            return 1
+        results[part] = previous[part]
+        results.setdefault("kept_from", {})[part] = previous.get("kept_from", {}).get(part, previous["date"])
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "retrain.json").write_text(json.dumps(results, indent=2))
     (OUT / "retrain.md").write_text(markdown(results))
@@ -374,6 +398,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{sft['test']} | {s['selection']} | {s['dataset']} | {s['training']} ({row['train_steps']}) | "
             f"{s['evaluation']} |"
         )
+    if results.get("kept_from"):
+        lines.append("")
+    for part, date in results.get("kept_from", {}).items():
+        lines.append(f"- {part}: figures from the run of {date} (this run measured the rest)")
     sel = results["selection"]
     t = results["throughput"]
     lines += [
