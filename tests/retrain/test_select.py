@@ -57,6 +57,11 @@ def test_budget_duplicates_and_samples_used_before(engine) -> None:
         connection.execute(TrainingSample.__table__.insert(), used)
     remaining = select_samples(engine, SelectionConfig(budget=100, embed=False))
     assert {c.completion_id for c in remaining.picked}.isdisjoint(distinct)
+    # A run that did not register a version spends nothing.
+    with engine.begin() as connection:
+        connection.execute(TrainingRun.__table__.update().values(status="rejected"))
+    again = select_samples(engine, SelectionConfig(budget=100, embed=False))
+    assert set(distinct) <= {c.completion_id for c in again.picked}
 
 
 def test_novelty_prefers_a_diverse_selection(engine) -> None:
