@@ -1,7 +1,7 @@
 """Active learning: which logged completions would teach the next model version the most.
 
-Every completion with a training signal (a rating, a correction, a side-by-side choice) not used
-by an earlier run is a candidate. Its signal score adds up what it says:
+Every completion with a training signal (a rating, a correction, a side-by-side choice) that no
+registered version was trained on yet is a candidate. Its signal score adds up what it says:
 
 - a negative rating (thumb down, 1-2 stars): the model got it wrong (+1.0)
 - a correction: the answer the user wanted, the strongest teacher (+1.5)
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import Engine, and_, case, func, or_, select
 
-from feedback.models import Completion, Preference, Rating, TrainingSample
+from feedback.models import Completion, Preference, Rating, TrainingRun, TrainingSample
 from retrain.config import SelectionConfig
 
 _c, _r, _p = Completion.__table__.c, Rating.__table__.c, Preference.__table__.c
@@ -84,8 +84,16 @@ def score_candidates(engine: Engine, config: SelectionConfig) -> list[Candidate]
         for column in (_p.chosen_completion_id, _p.rejected_completion_id):
             for (completion_id,) in connection.execute(select(column).distinct()):
                 signals.setdefault(completion_id, {})["preference"] = 1
+        # Samples behind a registered version are spent; a skipped, failed or rejected run's are not.
+        samples, runs = TrainingSample.__table__.c, TrainingRun.__table__.c
         used = {
-            row[0] for row in connection.execute(select(TrainingSample.__table__.c.completion_id).distinct())
+            row[0]
+            for row in connection.execute(
+                select(samples.completion_id)
+                .join(TrainingRun.__table__, runs.id == samples.run_id)
+                .where(runs.status == "registered")
+                .distinct()
+            )
         }
         disagreeing = {
             row[0]
