@@ -60,8 +60,11 @@ class RegistryWatcher:
         self._poll_interval = poll_interval
         self._seen: int | None = None
         self._lock = asyncio.Lock()
-        # Versions that failed to load here, with why; retried at the next registry change.
+        # Versions that failed to load here, with why; retried every `retry_failed_s` (shared
+        # storage that was not mounted yet, a file still being copied) and at every change.
         self.failed: dict[str, str] = {}
+        self.retry_failed_s = 30.0
+        self._retry_at = 0.0
 
     def _read(self) -> tuple[int, list[ModelVersionRecord], Experiment | None]:
         with Session(self._database) as session:
@@ -77,13 +80,15 @@ class RegistryWatcher:
     async def sync(self, *, force: bool = False) -> bool:
         """Apply the registry if it changed; True when something was (re)applied."""
         async with self._lock:
-            unchanged = not force and self._seen is not None
+            retry = bool(self.failed) and time.monotonic() >= self._retry_at
+            unchanged = not force and not retry and self._seen is not None
             if unchanged and await asyncio.to_thread(self._read_revision) == self._seen:
                 return False
             revision, versions, experiment = await asyncio.to_thread(self._read)
             await self._reconcile(versions)
             self._route(versions, experiment)
             self._seen = revision
+            self._retry_at = time.monotonic() + self.retry_failed_s
             self._metrics.registry_revision.set(revision)
             return True
 
@@ -142,15 +147,23 @@ class RegistryWatcher:
         )
 
     async def run(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self._poll_interval)
             try:
                 await self.sync()
             except (SQLAlchemyError, OSError) as exc:
-                # Keep serving with the last known table while the database is away.
-                logger.warning("registry sync failed: %s", exc.__class__.__name__)
+                # Keep serving with the last known table while the database is away; say so once.
+                log = logger.debug if failing else logger.warning
+                log("registry sync failed, routing by the last known registry: %s", exc.__class__.__name__)
+                failing = True
+                continue
             except Exception:
                 logger.exception("registry sync failed")
+                continue
+            if failing:
+                logger.info("registry sync works again")
+                failing = False
 
 
 class ExperimentEvaluator:

@@ -407,3 +407,33 @@ def test_experiment_state_errors(ab_settings: Settings, admin_headers, tmp_path:
             ("start", "operator", "control fake-base; cand=v1"),
             ("rollback", "operator", "looks off"),
         ]
+
+
+def test_a_version_a_replica_cannot_load_goes_to_control_there_and_loads_when_it_can(
+    ab_settings: Settings, admin_headers, tmp_path: Path
+):
+    engine_a, engine_b = FakeEngine(), FakeEngine()
+    engine_b.unloadable_adapters.add("v1")
+    with app_client(ab_settings, engine_a) as a, app_client(ab_settings, engine_b) as b:
+        b.app.state.watcher.retry_failed_s = 0.2
+        register(a, admin_headers, "v1", tmp_path / "v1")
+        start(a, admin_headers, variants=[{"name": "cand", "version": "v1", "weight": 100}])
+        assert wait_until(lambda: chat(a, "alice")["x-loopchat-model-version"] == "v1")
+
+        # Replica B could not load v1: its requests go to the control, and it says so.
+        def b_versions() -> list[dict]:
+            return b.get("/admin/adapters", headers=admin_headers).json()["data"]
+
+        assert wait_until(lambda: b_versions() and b_versions()[0]["load_error"])
+        listed = b_versions()[0]
+        assert not listed["loaded"] and "not readable here" in listed["load_error"]
+        headers = chat(b, "alice")
+        assert (headers["x-loopchat-model-version"], headers["x-loopchat-variant"]) == (
+            "fake-base",
+            "control",
+        )
+        assert 'loopchat_adapter_load_failed{model_version="v1"} 1.0' in b.get("/metrics/").text
+        # Once the adapter is readable there, B loads it without any registry change.
+        engine_b.unloadable_adapters.clear()
+        assert wait_until(lambda: chat(b, "bob")["x-loopchat-model-version"] == "v1")
+        assert 'loopchat_adapter_load_failed{model_version="v1"} 0.0' in b.get("/metrics/").text

@@ -34,6 +34,8 @@ class FakeEngine:
         self.fail_with: Exception | None = None
         # Adapters (by name) whose answers fail the same way: a broken model version.
         self.failing_adapters: set[str] = set()
+        # Adapters (by name) this engine refuses to load (storage missing on this replica).
+        self.unloadable_adapters: set[str] = set()
         self._ready = False
         self.adapters: dict[int, AdapterSpec] = {}
         self.running: set[str] = set()
@@ -119,6 +121,8 @@ class FakeEngine:
         self.aborted.append(request_id)
 
     async def add_adapter(self, adapter: AdapterSpec) -> None:
+        if adapter.name in self.unloadable_adapters:
+            raise AdapterLoadError(f"{adapter.path} is not readable here")
         if not (adapter.path / "adapter_config.json").is_file():
             raise AdapterLoadError(f"{adapter.path} has no adapter_config.json")
         self.adapters[adapter.engine_id] = adapter
