@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving.experiments import PolicySpec
+from serving.experiment_spec import PolicySpec
 
 Method = Literal["sft", "kto", "dpo"]
 

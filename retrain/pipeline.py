@@ -35,7 +35,8 @@ from retrain.dataset import DatasetManifest, build_dataset
 from retrain.evaluate import GateResult, gate, score
 from retrain.select import select_samples
 from retrain.train import TrainResult, search_trials, train_adapter
-from serving.experiments import ExperimentService, ExperimentSpec, VariantSpec
+from serving.experiment_spec import ExperimentSpec, VariantSpec
+from serving.experiments import ExperimentService
 from serving.registry import VersionInfo, active_version, register_version
 from serving.settings import Settings
 

@@ -170,7 +170,7 @@ def _service():
 
 
 def _run(call, *args, **kwargs) -> Any:
-    from serving.experiments import ExperimentNotFoundError
+    from serving.experiment_spec import ExperimentNotFoundError
     from serving.registry import RegistryError, VersionNotFoundError
 
     try:
@@ -189,7 +189,7 @@ def ab_start(
     name: Annotated[str | None, typer.Option(help="Start only this experiment of the file.")] = None,
 ) -> None:
     """Start an experiment defined in YAML (see deploy/experiments.example.yaml)."""
-    from serving.experiments import load_specs
+    from serving.experiment_spec import load_specs
 
     specs = _run(load_specs, file)
     if name is not None:

@@ -1,8 +1,7 @@
-"""A/B experiments and canaries on the alias: definitions, sticky assignment, decisions.
+"""A/B experiments and canaries on the alias: starting, changing, evaluating and ending them.
 
 An experiment splits the traffic of the alias `loopchat` between a control version and one or
-more candidate versions. Assignment is a pure function of the experiment's salt and the user
-key, so every replica routes a user alike and a restart changes nothing. A ramp raises the
+more candidate versions (definitions and assignment: serving/experiment_spec.py). A ramp raises the
 candidates' share stage by stage (for example 5, 25, 50 percent) once each candidate has served
 `min_samples_per_stage` requests at the current stage. `ExperimentService.evaluate` runs the
 guardrails and the always-valid test (monitoring/abstats.py) and applies the decision:
@@ -12,24 +11,28 @@ bumps the registry revision, so each serving process re-routes within its poll i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from sqlalchemy import Engine, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from feedback.models import ABDecision, Experiment, ModelVersionRecord, utcnow
 from feedback.outcomes import experiment_outcomes
-from monitoring.abstats import Decision, DecisionPolicy, VariantOutcome, compare, decide
+from monitoring.abstats import Decision, VariantOutcome, compare, decide
+from serving.experiment_spec import (
+    CONTROL,
+    ExperimentError,
+    ExperimentNotFoundError,
+    ExperimentSpec,
+    StaleExperimentError,
+    stage_weights,
+    weights_of,
+)
 from serving.registry import (
-    RegistryError,
     VersionConflictError,
     VersionNotFoundError,
     active_version,
@@ -38,158 +41,6 @@ from serving.registry import (
 )
 
 logger = logging.getLogger(__name__)
-
-CONTROL = "control"
-Name = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-]
-
-
-class ExperimentError(RegistryError):
-    """An experiment request the service refuses (the caller's fault)."""
-
-
-class ExperimentNotFoundError(LookupError):
-    pass
-
-
-class StaleExperimentError(ExperimentError):
-    """Another process changed the experiment after it was read."""
-
-    def __init__(self) -> None:
-        super().__init__("the experiment changed meanwhile; retry")
-
-
-class PolicySpec(BaseModel):
-    """When to promote and when to roll back (see monitoring/abstats.py)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    alpha: float = Field(
-        0.05, gt=0, lt=0.5, description="Error rate of a promotion or roll-back on the metric."
-    )
-    tau: float = Field(0.08, gt=0, le=1, description="Effect size (rate difference) the test is tuned for.")
-    min_ratings_per_variant: int = Field(100, ge=1, description="Judged ratings per arm before a decision.")
-    guardrail_min_requests: int = Field(
-        20, ge=1, description="Requests before error/latency guardrails apply."
-    )
-    max_error_rate: float = Field(0.05, ge=0, le=1)
-    max_latency_p95_ratio: float = Field(1.5, gt=1, description="Candidate p95 over control p95.")
-    max_negative_rate_increase: float = Field(0.15, gt=0, le=1)
-    guardrail_min_ratings: int = Field(30, ge=1, description="Judged ratings per arm before that guardrail.")
-
-    def policy(self) -> DecisionPolicy:
-        return DecisionPolicy(**self.model_dump())
-
-
-class VariantSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: Name
-    version: Name | None = Field(None, description="Model version; default: the variant's name.")
-    weight: float = Field(0, ge=0, le=100, description="Percent of traffic (without a ramp).")
-
-    @property
-    def model_version(self) -> str:
-        return self.version or self.name
-
-
-class ExperimentSpec(BaseModel):
-    """An experiment as written in YAML or posted to the admin API."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Name
-    control: Name | None = Field(None, description="Control version; default: the active one.")
-    variants: list[VariantSpec] = Field(..., min_length=1, description="The candidate versions.")
-    ramp: list[float] = Field(default_factory=list, description="Candidates' percent per stage, rising.")
-    min_samples_per_stage: int = Field(200, ge=1, description="Requests per candidate before the next stage.")
-    salt: str | None = Field(None, max_length=128, description="Assignment salt; default: the name.")
-    auto: bool = Field(True, description="Apply promote / roll back / ramp decisions automatically.")
-    policy: PolicySpec = Field(default_factory=PolicySpec)
-
-    @model_validator(mode="after")
-    def _check(self) -> ExperimentSpec:
-        names = [v.name for v in self.variants]
-        if CONTROL in names or len(set(names)) != len(names):
-            raise ValueError(f"variant names must be unique and not {CONTROL!r}")
-        versions = [v.model_version for v in self.variants]
-        if len(set(versions)) != len(versions) or (self.control is not None and self.control in versions):
-            raise ValueError(
-                "each variant must serve a different model version than the others and the control"
-            )
-        if self.ramp:
-            if any(not 0 < p <= 100 for p in self.ramp) or any(
-                b <= a for a, b in zip(self.ramp, self.ramp[1:], strict=False)
-            ):
-                raise ValueError("ramp stages must rise strictly, each above 0 and at most 100 percent")
-        elif sum(v.weight for v in self.variants) > 100:
-            raise ValueError("the variants' weights add up to more than 100 percent")
-        elif sum(v.weight for v in self.variants) == 0:
-            raise ValueError("give the variants weights or a ramp")
-        return self
-
-
-def load_specs(path: Path) -> list[ExperimentSpec]:
-    """Experiments from a YAML file: one mapping, a list, or a mapping with `experiments:`."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ExperimentError(f"cannot read {path}: {exc}") from exc
-    if isinstance(data, dict) and "experiments" in data:
-        data = data["experiments"]
-    items = data if isinstance(data, list) else [data]
-    try:
-        return [ExperimentSpec.model_validate(item) for item in items]
-    except ValidationError as exc:
-        raise ExperimentError(f"{path}: {exc}") from exc
-
-
-# -- assignment --------------------------------------------------------------------------------
-
-
-def bucket(salt: str, key: str) -> float:
-    """A uniform number in [0, 1) fixed by salt and key: identical on every replica and restart."""
-    digest = hashlib.blake2b(f"{salt}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def assign(salt: str, key: str, variants: list[dict[str, Any]]) -> dict[str, Any]:
-    """The variant of `key`. Candidates take the bottom of [0, 100) in order, the control the
-    rest: raising a candidate's weight only moves users from the control to it."""
-    point = bucket(salt, key) * 100
-    edge = 0.0
-    control = None
-    for variant in variants:
-        if variant["name"] == CONTROL:
-            control = variant
-            continue
-        if variant.get("disabled"):
-            continue
-        edge += variant["weight"]
-        if point < edge:
-            return variant
-    assert control is not None
-    return control
-
-
-def stage_weights(variants: list[dict[str, Any]], percent: float) -> list[dict[str, Any]]:
-    """Weights for a ramp stage: `percent` shared by the enabled candidates, the rest to control."""
-    enabled = [v for v in variants if v["name"] != CONTROL and not v.get("disabled")]
-    share = percent / len(enabled) if enabled else 0.0
-    updated = []
-    for variant in variants:
-        if variant["name"] == CONTROL:
-            weight = 100.0 - (share * len(enabled))
-        else:
-            weight = 0.0 if variant.get("disabled") else share
-        updated.append({**variant, "weight": round(weight, 6)})
-    return updated
-
-
-def weights_of(variants: list[dict[str, Any]]) -> dict[str, float]:
-    return {v["name"]: v["weight"] for v in variants}
-
 
 # -- the service -------------------------------------------------------------------------------
 

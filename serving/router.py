@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from serving.experiments import CONTROL, assign
+from serving.experiment_spec import CONTROL, assign
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,8 @@ from feedback.models import Experiment, ModelVersionRecord
 from monitoring.metrics import ExperimentMetrics
 from serving.adapters import AdapterConflictError, AdapterSet, UnknownModelError
 from serving.engine.base import AdapterLoadError, EngineError
-from serving.experiments import ExperimentNotFoundError, ExperimentService, load_specs
+from serving.experiment_spec import ExperimentNotFoundError, load_specs
+from serving.experiments import ExperimentService
 from serving.registry import (
     VersionConflictError,
     VersionInfo,

@@ -11,7 +11,12 @@ from fastapi import APIRouter
 from feedback.models import Experiment
 from serving.deps import AdminDep, ExperimentsDep, WatcherDep
 from serving.errors import APIError, bad_request
-from serving.experiments import ExperimentError, ExperimentNotFoundError, ExperimentSpec, StaleExperimentError
+from serving.experiment_spec import (
+    ExperimentError,
+    ExperimentNotFoundError,
+    ExperimentSpec,
+    StaleExperimentError,
+)
 from serving.protocol import DecisionRequest, ErrorResponse, WeightsRequest
 from serving.registry import VersionConflictError, VersionNotFoundError
 

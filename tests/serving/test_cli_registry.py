@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.experiments import load_specs
+from serving.experiment_spec import load_specs
 from tests.serving.test_experiments_api import insert_outcomes, rows
 from tests.utils.adapters import make_adapter_dir
 
