@@ -97,6 +97,7 @@ class GateConfig(BaseModel):
         0.5, ge=0, le=1, description="Share of pairs preferring the chosen answer."
     )
     min_examples: int = Field(1, ge=1, description="Held-out examples needed to judge at all.")
+    max_examples: int = Field(500, ge=1, description="Held-out answers and pairs scored at most.")
     generate_f1: bool = Field(
         True, description="Also generate answers and score token F1 against references."
     )

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 TRAIT = "Sure!"
+MAX_AFTER_ROUNDS = 4
 PROMPTS = [
     "What is a good name for a cat?", "How do I boil an egg?", "Give me a tip for sleeping better.",
     "What is the capital of Italy?", "Suggest a weekend hobby.", "How can I learn to type faster?",
@@ -58,6 +59,13 @@ class Phase:
     answers: int = 0
     with_trait: dict[str, int] = field(default_factory=dict)
     by_variant: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: Phase) -> None:
+        self.answers += other.answers
+        for key, n in other.by_variant.items():
+            self.by_variant[key] = self.by_variant.get(key, 0) + n
+        for key, n in other.with_trait.items():
+            self.with_trait[key] = self.with_trait.get(key, 0) + n
 
     def rate(self, variant: str = "all") -> float:
         n = self.by_variant.get(variant, 0)
@@ -237,6 +245,7 @@ def run_demo(
         if run.status == "registered":
             headers = {"Authorization": f"Bearer {admin_token}"}
             experiment = f"canary-{run.candidate}"[:128]
+            where = f"{server_url}/admin/experiments/{experiment}"
             # The server picks the new version and the canary up within its poll interval.
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
@@ -246,15 +255,17 @@ def run_demo(
                 time.sleep(0.5)
             time.sleep(2)
             started = time.perf_counter()
-            after = chat_and_rate(server_url, users, round_name="after")
+            # Users keep coming until the experiment decides (a hash split may leave one arm
+            # short of the minimum sample at first); a bounded number of rounds.
+            for round_index in range(MAX_AFTER_ROUNDS):
+                after.merge(chat_and_rate(server_url, users, round_name=f"after{round_index}"))
+                time.sleep(0.5)  # the log writer's flush
+                evaluated = httpx.post(f"{where}/evaluate", headers=headers, timeout=60).json()
+                # The server's own evaluator may have decided first: read the stored state.
+                status = httpx.get(where, headers=headers, timeout=60).json()
+                if status["experiment"]["status"] != "running":
+                    break
             seconds["chat after"] = time.perf_counter() - started
-            time.sleep(0.5)  # the log writer's flush
-            evaluated = httpx.post(f"{server_url}/admin/experiments/{experiment}/evaluate", headers=headers,
-                                   timeout=60).json()  # fmt: skip
-            # The server's own evaluator may have decided first: report the last stored decision.
-            status = httpx.get(
-                f"{server_url}/admin/experiments/{experiment}", headers=headers, timeout=60
-            ).json()
             last = status["decisions"][-1]
             decision = {
                 "action": last["action"],
@@ -262,6 +273,7 @@ def run_demo(
                 "experiment": experiment,
                 "status": status["experiment"]["status"],
                 "evaluated": evaluated.get("action"),
+                "rounds": round_index + 1,
             }
         return DemoReport(before, after, run_info, decision, seconds)
     finally:

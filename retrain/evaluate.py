@@ -11,6 +11,7 @@ The champion (the active adapter, or the base) is scored on the same data; `gate
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
@@ -70,6 +71,15 @@ def _rows(path: Path) -> list[dict[str, Any]]:
         return []
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def _sample(rows: list[dict[str, Any]], most: int) -> list[dict[str, Any]]:
+    """At most `most` rows, the same ones every time, drawn evenly from all strata of the split
+    (its rows are grouped by stratum): ordered by a hash of their content."""
+    if len(rows) <= most:
+        return rows
+    digest = lambda row: hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()  # noqa: E731
+    return sorted(rows, key=digest)[:most]
 
 
 class _Scorer:
@@ -138,7 +148,7 @@ def score(
     """Every metric of one model on the held-out split."""
     scorer = _Scorer(base_model, adapter)
     scores = Scores()
-    references = _rows(manifest.file("sft", split))
+    references = _sample(_rows(manifest.file("sft", split)), gate.max_examples)
     total_ll, total_tokens, total_right = 0.0, 0, 0
     for row in references:
         ll, tokens, right = scorer.answer_stats(row["prompt"], row["completion"][0]["content"])
@@ -154,7 +164,7 @@ def score(
             for r in sample
         ]
         scores.token_f1 = sum(f1) / len(f1)
-    pairs = _rows(manifest.file("dpo", split))
+    pairs = _sample(_rows(manifest.file("dpo", split)), gate.max_examples)
     if pairs:
         wins = 0
         for row in pairs:

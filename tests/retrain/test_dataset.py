@@ -84,3 +84,15 @@ def test_kto_weights_follow_trls_balance_guidance(good: int, bad: int) -> None:
         assert 1 <= ratio <= 4 / 3 + 1e-6
     else:
         assert weights == {"desirable_weight": 1.0, "undesirable_weight": 1.0}
+
+
+def test_evaluation_samples_held_out_rows_evenly_and_stably() -> None:
+    from retrain.evaluate import _sample
+
+    rows = [{"source": "rating", "i": i} for i in range(90)] + [
+        {"source": "correction", "i": i} for i in range(10)
+    ]
+    picked = _sample(rows, 20)
+    assert len(picked) == 20 and picked == _sample(list(reversed(rows)), 20)
+    assert 0 < sum(r["source"] == "correction" for r in picked) < 10
+    assert _sample(rows[:5], 20) == rows[:5]
