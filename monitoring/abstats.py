@@ -22,7 +22,7 @@ test is fastest for true differences near tau and still valid for any.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Literal
 
@@ -187,6 +187,17 @@ class VariantOutcome:
     def win_rate(self) -> float | None:
         games = self.pairwise_wins + self.pairwise_losses
         return self.pairwise_wins / games if games else None
+
+    def as_dict(self) -> dict:
+        """The counts and the rates derived from them."""
+        numbers = asdict(self)
+        numbers.update(
+            positive_rate=self.positive_rate,
+            error_rate=self.error_rate,
+            correction_rate=self.correction_rate,
+            win_rate=self.win_rate,
+        )
+        return numbers
 
 
 @dataclass(slots=True)

@@ -9,12 +9,9 @@ from typing import Annotated
 
 import typer
 
+from serving.cli_common import database, fail
+
 runs_app = typer.Typer(help="Retraining runs.", no_args_is_help=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
 
 
 def retrain(
@@ -29,12 +26,11 @@ def retrain(
     """Run the retraining loop once (select, dataset, train, gate, register, canary), or on a schedule."""
     from retrain.config import load_config
     from retrain.pipeline import RetrainBusyError, RetrainRunner, due
-    from serving.cli import database
 
     try:
         retrain_config = load_config(config)
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     settings, engine = database()
     runner = RetrainRunner(settings, engine, retrain_config)
     while True:
@@ -48,7 +44,7 @@ def retrain(
             run = runner.run(trigger="schedule" if schedule else "manual")
         except RetrainBusyError as exc:
             if not schedule:
-                raise _fail(str(exc)) from exc
+                raise fail(str(exc)) from exc
             typer.echo(str(exc))
             time.sleep(check_every * 60)
             continue
@@ -69,7 +65,6 @@ def runs_list(limit: Annotated[int, typer.Option(help="Most recent runs shown.")
     from sqlmodel import Session, col, select
 
     from feedback.models import TrainingRun
-    from serving.cli import database
 
     _, engine = database()
     with Session(engine) as session:
@@ -91,14 +86,13 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
     from sqlmodel import Session, select
 
     from feedback.models import TrainingRun, TrainingSample
-    from serving.cli import database
 
     _, engine = database()
     with Session(engine) as session:
         run = session.get(TrainingRun, run_id)
         if run is None:
             engine.dispose()
-            raise _fail(f"no run {run_id!r}")
+            raise fail(f"no run {run_id!r}")
         samples = session.exec(select(TrainingSample).where(TrainingSample.run_id == run_id)).all()
         body = run.model_dump(mode="json")
         body["samples"] = [

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from retrain.cli import demo, retrain, runs_app
+from serving.cli_common import database, fail, setup_logging
 from serving.cli_registry import ab_app, adapters_app
 
 app = typer.Typer(help="loopchat: chat serving with a feedback loop.", no_args_is_help=True)
@@ -21,10 +21,6 @@ app.add_typer(ab_app, name="ab")
 app.add_typer(runs_app, name="runs")
 app.command("retrain")(retrain)
 app.command("demo")(demo)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
@@ -40,7 +36,7 @@ def serve(
 
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = Settings(**overrides)
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -62,7 +58,7 @@ def model_prepare(
     from serving.settings import Settings
 
     settings = Settings()
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     if target is None:
         if settings.base_model is not None:
             typer.echo(f"base model is configured: {settings.model_path} (nothing to prepare)")
@@ -77,29 +73,6 @@ def model_prepare(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"model ready: {target}")
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
-def database():
-    """The configured database, migrated; exits with a clear message when it is unreachable."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from feedback.db import make_engine, migrate
-    from serving.settings import Settings
-
-    settings = Settings()
-    _setup_logging("warning")
-    try:
-        migrate(settings.db_url)
-    except SQLAlchemyError as exc:
-        raise _fail(
-            f"database {settings.db_url.split('@')[-1]}: {exc.__class__.__name__}: {exc.orig}"
-        ) from exc
-    return settings, make_engine(settings.db_url)
 
 
 @db_app.command("upgrade")
@@ -123,7 +96,7 @@ def db_purge(
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     _, engine = database()
     deleted = purge_older_than(engine, age, dry_run=dry_run)
     engine.dispose()
@@ -139,7 +112,7 @@ def db_delete_user(
     from feedback.retention import delete_user
 
     if not user:
-        raise _fail("a user key is required")
+        raise fail("a user key is required")
     _, engine = database()
     deleted = delete_user(engine, user, dry_run=dry_run)
     engine.dispose()
@@ -162,13 +135,13 @@ def export(
     from feedback.retention import parse_duration
 
     if format not in FORMATS:
-        raise _fail(f"--format must be one of {', '.join(FORMATS)}")
+        raise fail(f"--format must be one of {', '.join(FORMATS)}")
     where = ExportFilter(model_version=model_version)
     if since is not None:
         try:
             where.since = datetime.now(UTC) - parse_duration(since)
         except ValueError as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
     settings, engine = database()
     redactor = Redactor(settings.feedback.custom_patterns)
     count = export_jsonl(engine, format, out, redactor, where, metadata=metadata)  # type: ignore[arg-type]

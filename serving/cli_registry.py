@@ -12,19 +12,10 @@ from typing import Annotated, Any
 
 import typer
 
+from serving.cli_common import database, fail
+
 adapters_app = typer.Typer(help="Model versions (LoRA adapters) in the registry.", no_args_is_help=True)
 ab_app = typer.Typer(help="A/B experiments and canaries on the alias `loopchat`.", no_args_is_help=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
-def _context():
-    from serving.cli import database
-
-    return database()
 
 
 def _console():
@@ -50,7 +41,7 @@ def adapters_list(
 
     from serving.registry import list_versions
 
-    settings, engine = _context()
+    settings, engine = database()
     with Session(engine) as session:
         rows = list_versions(session=session, status=status)
     engine.dispose()
@@ -88,18 +79,18 @@ def adapters_register(
     from serving.settings import ALIAS_MODEL
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", name):
-        raise _fail("a version name is 1-128 letters, digits, _ . : - and starts with a letter or digit")
+        raise fail("a version name is 1-128 letters, digits, _ . : - and starts with a letter or digit")
     try:
         parsed = json.loads(metrics) if metrics else {}
     except json.JSONDecodeError as exc:
-        raise _fail(f"--metrics is not JSON: {exc}") from exc
+        raise fail(f"--metrics is not JSON: {exc}") from exc
     if not isinstance(parsed, dict):
-        raise _fail("--metrics must be a JSON object")
-    settings, engine = _context()
+        raise fail("--metrics must be a JSON object")
+    settings, engine = database()
     if name in (ALIAS_MODEL, settings.model_name):
-        raise _fail(f"{name!r} is reserved")
+        raise fail(f"{name!r} is reserved")
     if not path.is_dir():
-        raise _fail(f"{path} is not a folder")
+        raise fail(f"{path} is not a folder")
     try:
         config = read_adapter_config(path, max_rank=settings.engine.max_lora_rank)
         check_adapter_base(config, base_model=settings.model_path, base_name=settings.model_name)
@@ -109,7 +100,7 @@ def adapters_register(
                              base_model=settings.model_name, info=info)  # fmt: skip
             session.commit()
     except (AdapterLoadError, RegistryError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         engine.dispose()
     typer.echo(f"registered {name} (candidate); servers load it within {settings.ab.poll_interval_s:g} s")
@@ -146,15 +137,15 @@ def _registry_change(name: str, change) -> None:
 
     from serving.registry import RegistryError, VersionNotFoundError
 
-    settings, engine = _context()
+    settings, engine = database()
     try:
         with Session(engine) as session:
             change(session, settings)
             session.commit()
     except VersionNotFoundError:
-        raise _fail(f"no model version {name!r}") from None
+        raise fail(f"no model version {name!r}") from None
     except RegistryError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         engine.dispose()
 
@@ -165,7 +156,7 @@ def _registry_change(name: str, change) -> None:
 def _service():
     from serving.experiments import ExperimentService
 
-    settings, engine = _context()
+    settings, engine = database()
     return ExperimentService(engine, base_name=settings.model_name), engine
 
 
@@ -176,11 +167,11 @@ def _run(call, *args, **kwargs) -> Any:
     try:
         return call(*args, **kwargs)
     except ExperimentNotFoundError as exc:
-        raise _fail(f"no experiment {exc}") from None
+        raise fail(f"no experiment {exc}") from None
     except VersionNotFoundError as exc:
-        raise _fail(f"no model version {exc}") from None
+        raise fail(f"no model version {exc}") from None
     except RegistryError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
 
 
 @ab_app.command("start")
@@ -195,9 +186,9 @@ def ab_start(
     if name is not None:
         specs = [s for s in specs if s.name == name]
         if not specs:
-            raise _fail(f"{file} has no experiment {name!r}")
+            raise fail(f"{file} has no experiment {name!r}")
     if len(specs) != 1:
-        raise _fail(f"{file} defines {len(specs)} experiments; choose one with --name")
+        raise fail(f"{file} defines {len(specs)} experiments; choose one with --name")
     service, engine = _service()
     experiment = _run(service.start, specs[0])
     engine.dispose()
@@ -229,9 +220,9 @@ def ab_weights(
         try:
             parsed[variant] = float(value)
         except ValueError:
-            raise _fail(f"{item!r} is not VARIANT=PERCENT") from None
+            raise fail(f"{item!r} is not VARIANT=PERCENT") from None
         if not sep or not variant:
-            raise _fail(f"{item!r} is not VARIANT=PERCENT")
+            raise fail(f"{item!r} is not VARIANT=PERCENT")
     service, engine = _service()
     experiment = _run(service.set_weights, name, parsed)
     engine.dispose()
@@ -297,7 +288,7 @@ def ab_report(
 def _running_name(service) -> str:
     running = service.running()
     if running is None:
-        raise _fail("no experiment is running; name one")
+        raise fail("no experiment is running; name one")
     return running.name
 
 

@@ -246,7 +246,7 @@ class ExperimentService:
         outcomes = self.outcomes(experiment)
         enabled = self._enabled(experiment)
         decision = decide(outcomes[CONTROL], [outcomes[v["name"]] for v in enabled], spec.policy.policy())
-        decision.numbers["outcomes"] = {k: _outcome_numbers(o) for k, o in outcomes.items()}
+        decision.numbers["outcomes"] = {k: o.as_dict() for k, o in outcomes.items()}
         if not spec.auto:
             return decision
         try:
@@ -384,17 +384,6 @@ class ExperimentService:
         session.commit()
         session.refresh(experiment)
         return experiment
-
-
-def _outcome_numbers(outcome: VariantOutcome) -> dict[str, Any]:
-    numbers = asdict(outcome)
-    numbers.update(
-        positive_rate=outcome.positive_rate,
-        error_rate=outcome.error_rate,
-        correction_rate=outcome.correction_rate,
-        win_rate=outcome.win_rate,
-    )
-    return numbers
 
 
 def _jsonable(value: Any) -> Any:

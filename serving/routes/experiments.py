@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter
@@ -65,18 +64,9 @@ async def start_experiment(
 async def experiment_status(name: str, service: ExperimentsDep, watcher: WatcherDep) -> dict[str, Any]:
     """The experiment, each variant's outcomes, each candidate's always-valid test, the decisions."""
     status = await _call(watcher, service.status, name)
-    outcomes = {}
-    for variant, outcome in status["outcomes"].items():
-        outcomes[variant] = {
-            **asdict(outcome),
-            "positive_rate": outcome.positive_rate,
-            "error_rate": outcome.error_rate,
-            "correction_rate": outcome.correction_rate,
-            "win_rate": outcome.win_rate,
-        }
     return {
         "experiment": experiment_json(status["experiment"]),
-        "outcomes": outcomes,
+        "outcomes": {variant: o.as_dict() for variant, o in status["outcomes"].items()},
         "tests": status["tests"],
         "alpha": status["alpha"],
         "decisions": [d.model_dump(mode="json") for d in status["decisions"]],
