@@ -40,6 +40,8 @@ class CompletionRef:
 
     user_key: str
     prompt_hash: str
+    model_version: str = ""
+    variant: str = ""
 
 
 class RecentCompletions:
@@ -139,18 +141,19 @@ class FeedbackService:
                 "redacted": False,
             }
         )
-        self.recent.add(chat.completion_id, CompletionRef(user_key, hashed))
+        self.recent.add(chat.completion_id, CompletionRef(user_key, hashed, chat.version.name, chat.variant))
 
     # -- ratings -------------------------------------------------------------------------------
 
-    async def rate(self, request: FeedbackRequest) -> FeedbackResponse:
+    async def rate(self, request: FeedbackRequest) -> tuple[FeedbackResponse, CompletionRef]:
+        """Store the rating; returns it with what it rated."""
         caps = self._settings
         _check_length(request.comment, caps.max_comment_chars, "comment")
         _check_length(request.correction, caps.max_correction_chars, "correction")
         if len(request.tags) > caps.max_tags:
             raise bad_request(f"at most {caps.max_tags} tags", param="tags")
         user_key = request.user or ANONYMOUS
-        await self._owned(request.completion_id, user_key, "completion_id")
+        rated = await self._owned(request.completion_id, user_key, "completion_id")
         now = time.time()
         await self._store(
             {
@@ -166,7 +169,7 @@ class FeedbackService:
                 "at": now,
             }
         )
-        return FeedbackResponse(
+        response = FeedbackResponse(
             completion_id=request.completion_id,
             user=request.user,
             rating=request.rating,
@@ -176,8 +179,10 @@ class FeedbackService:
             tags=list(dict.fromkeys(request.tags)),
             created=int(now),
         )
+        return response, rated
 
-    async def prefer(self, request: PreferenceRequest) -> PreferenceResponse:
+    async def prefer(self, request: PreferenceRequest) -> tuple[PreferenceResponse, CompletionRef]:
+        """Store the choice; returns it with the chosen completion."""
         _check_length(request.comment, self._settings.max_comment_chars, "comment")
         user_key = request.user or ANONYMOUS
         chosen = await self._owned(request.chosen_completion_id, user_key, "chosen_completion_id")
@@ -195,13 +200,14 @@ class FeedbackService:
                 "at": now,
             }
         )
-        return PreferenceResponse(
+        response = PreferenceResponse(
             chosen_completion_id=request.chosen_completion_id,
             rejected_completion_id=request.rejected_completion_id,
             user=request.user,
             comment=request.comment,
             created=int(now),
         )
+        return response, chosen
 
     async def _owned(self, completion_id: str, user_key: str, param: str) -> CompletionRef:
         """The completion, if the rater may rate it; else 404 (someone else's looks unknown)."""
@@ -217,7 +223,12 @@ class FeedbackService:
         try:
             with self._engine.connect() as connection:
                 row = connection.execute(
-                    select(Completion.user_key, Completion.prompt_hash).where(Completion.id == completion_id)
+                    select(
+                        Completion.user_key,
+                        Completion.prompt_hash,
+                        Completion.model_version,
+                        Completion.variant,
+                    ).where(Completion.id == completion_id)
                 ).first()
         except OperationalError as exc:
             logger.warning("completion lookup failed: %s", exc.__class__.__name__)
@@ -225,7 +236,7 @@ class FeedbackService:
         except SQLAlchemyError:
             logger.exception("completion lookup failed")
             raise _unavailable() from None
-        return None if row is None else CompletionRef(row.user_key, row.prompt_hash)
+        return None if row is None else CompletionRef(*row)
 
     def first_answer(self, conversation_id: str) -> tuple[str, str, str] | None:
         """(model version, experiment, variant) of a conversation's first logged answer."""

@@ -1,76 +1,96 @@
 """Prometheus metrics of a serving process.
 
 Every metric lives in the registry passed in (tests use a fresh one); labels are bounded sets
-(model versions, routes, outcomes), never user ids or text.
+(model versions, variants, routes, status codes, outcomes), never user ids or text.
+
+Multiprocess mode: when PROMETHEUS_MULTIPROC_DIR is set (`loopchat serve --workers N` sets it),
+prometheus_client keeps every value in files shared by the workers, and /metrics, whichever
+worker answers, reports them all: counters and histograms summed, each gauge combined as its
+`multiprocess_mode` says. Values read off live objects (the engine's scheduler, the log writer)
+are therefore sampled into plain gauges (`LiveGauges`) instead of read at scrape time only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app, multiprocess
 
 from serving.engine.base import ChatEngine
 
+if TYPE_CHECKING:
+    from feedback.log import FeedbackWriter
+
+logger = logging.getLogger(__name__)
+
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Time per output token: ~5 ms on a GPU, 10-100 ms for a small model on a CPU, more under load.
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+# The label value of requests outside any experiment (an empty value would drop the label).
+NO_VARIANT = "none"
 
 
-class EngineCollector(Collector):
-    """Reads the engine's own numbers at scrape time."""
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
-    def __init__(self, engine: ChatEngine) -> None:
-        self._engine = engine
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        stats = self._engine.stats()
-        yield GaugeMetricFamily(
-            "loopchat_engine_ready", "1 when the engine serves requests", value=float(self._engine.ready)
-        )
-        yield GaugeMetricFamily(
-            "loopchat_engine_running_requests",
-            "Requests the scheduler is running",
-            value=stats.running_requests,
-        )
-        yield GaugeMetricFamily(
-            "loopchat_engine_waiting_requests",
-            "Requests waiting for the scheduler",
-            value=stats.waiting_requests,
-        )
-        yield GaugeMetricFamily(
-            "loopchat_engine_unfinished_requests",
-            "Requests the engine holds (running, waiting or streaming out)",
-            value=stats.unfinished_requests,
-        )
-        yield GaugeMetricFamily(
-            "loopchat_engine_kv_cache_usage_ratio", "Share of the KV cache in use", value=stats.kv_cache_usage
-        )
-        yield GaugeMetricFamily(
-            "loopchat_engine_loaded_adapters",
-            "LoRA adapters loaded in the engine",
-            value=stats.loaded_adapters,
-        )
+class LiveGauges:
+    """Gauges read off live objects: refreshed on every scrape this process answers and every
+    few seconds by `run`, so that in multiprocess mode, where another worker may answer the
+    scrape, each worker's share is at most that old."""
+
+    def __init__(self) -> None:
+        self._readers: list[tuple[Gauge, Callable[[], float]]] = []
+
+    def add(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        self._readers.append((gauge, read))
+
+    def sample(self) -> None:
+        for gauge, read in self._readers:
+            try:
+                gauge.set(read())
+            except Exception:  # a metric must never break the scrape or the service
+                logger.debug("could not sample %s", gauge, exc_info=True)
 
 
 class ServingMetrics:
-    def __init__(self, registry: CollectorRegistry, engine: ChatEngine) -> None:
+    """Chat completions, the engine's scheduler and the HTTP routes."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        registry.register(EngineCollector(engine))
         self.requests = Counter(
             "loopchat_chat_requests",
-            "Chat completions by model version and outcome",
-            ["model_version", "finish_reason"],
+            "Chat completions by model version, A/B variant and finish reason (stop, length, abort)",
+            ["model_version", "variant", "finish_reason"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "loopchat_chat_errors",
+            "Completions that failed after they were accepted, by reason (engine, invalid_prompt)",
+            ["model_version", "reason"],
             registry=registry,
         )
         self.inflight = Gauge(
-            "loopchat_chat_inflight_requests", "Chat completions being generated", registry=registry
+            "loopchat_chat_inflight_requests",
+            "Chat completions being generated",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.time_to_first_token = Histogram(
             "loopchat_time_to_first_token_seconds",
-            "Time to first token",
+            "Time from the request to the first generated token",
             ["model_version"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_per_output_token = Histogram(
+            "loopchat_time_per_output_token_seconds",
+            "Time per generated token after the first (decode speed a user sees)",
+            ["model_version"],
+            buckets=TOKEN_BUCKETS,
             registry=registry,
         )
         self.latency = Histogram(
@@ -89,6 +109,53 @@ class ServingMetrics:
             ["model_version"],
             registry=registry,
         )
+        self.http_requests = Counter(
+            "loopchat_http_requests",
+            "HTTP requests by route template, method, status code, and (chat routes) the model "
+            "version and A/B variant that answered",
+            ["route", "method", "status", "model_version", "variant"],
+            registry=registry,
+        )
+        self.http_latency = Histogram(
+            "loopchat_http_request_duration_seconds",
+            "HTTP request duration by route template (streams: until the last byte)",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def watch_engine(self, engine: ChatEngine, live: LiveGauges) -> None:
+        """Sample the engine's readiness and scheduler."""
+        registry = self.registry
+
+        def gauge(name: str, documentation: str, mode: str, read: Callable[[], float]) -> None:
+            live.add(Gauge(name, documentation, registry=registry, multiprocess_mode=mode), read)
+
+        gauge("loopchat_engine_ready", "1 when the engine serves requests", "livemin",
+              lambda: float(engine.ready))  # fmt: skip
+        gauge("loopchat_engine_running_requests", "Requests the scheduler is running", "livesum",
+              lambda: engine.stats().running_requests)  # fmt: skip
+        gauge("loopchat_engine_waiting_requests", "Requests waiting for the scheduler", "livesum",
+              lambda: engine.stats().waiting_requests)  # fmt: skip
+        gauge("loopchat_engine_unfinished_requests",
+              "Requests the engine holds (running, waiting or streaming out)", "livesum",
+              lambda: engine.stats().unfinished_requests)  # fmt: skip
+        gauge("loopchat_engine_kv_cache_usage_ratio", "Share of the KV cache in use", "livemax",
+              lambda: engine.stats().kv_cache_usage)  # fmt: skip
+        gauge("loopchat_engine_loaded_adapters", "LoRA adapters loaded in the engine", "livemax",
+              lambda: engine.stats().loaded_adapters)  # fmt: skip
+
+    def observe_http(self, info) -> None:
+        """prometheus-fastapi-instrumentator's hook: one call per finished HTTP request."""
+        headers = info.response.headers
+        self.http_requests.labels(
+            info.modified_handler,
+            info.method,
+            info.modified_status,
+            headers.get("x-loopchat-model-version", ""),
+            headers.get("x-loopchat-variant", NO_VARIANT if "x-loopchat-model-version" in headers else ""),
+        ).inc()
+        self.http_latency.labels(info.modified_handler, info.method).observe(info.modified_duration)
 
 
 class FeedbackMetrics:
@@ -108,26 +175,43 @@ class FeedbackMetrics:
             registry=registry,
         )
         self.queue_depth = Gauge(
-            "loopchat_feedback_queue_depth", "Records waiting for the writer", registry=registry
+            "loopchat_feedback_queue_depth",
+            "Records waiting for the writer",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.spooled = Gauge(
-            "loopchat_feedback_spool_records", "Records waiting in the on-disk spool", registry=registry
+            "loopchat_feedback_spool_records",
+            "Records waiting in the on-disk spool",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.database_up = Gauge(
-            "loopchat_feedback_database_up", "1 while the database takes writes", registry=registry
+            "loopchat_feedback_database_up",
+            "1 while the database takes writes",
+            registry=registry,
+            multiprocess_mode="livemin",
         )
         self.ratings = Counter(
             "loopchat_feedback_ratings",
-            "Ratings received by kind (up, down, score, comment, correction, preference)",
-            ["kind"],
+            "Ratings received by kind (up, down, score, comment, correction, preference), with the "
+            "model version and A/B variant of the rated answer (of the chosen one for preferences)",
+            ["kind", "model_version", "variant"],
+            registry=registry,
+        )
+        self.stars = Histogram(
+            "loopchat_feedback_stars",
+            "Star scores (1-5) by model version",
+            ["model_version"],
+            buckets=(1, 2, 3, 4, 5),
             registry=registry,
         )
 
-    def bind(self, writer) -> None:
-        """Read the writer's queue, spool and health at scrape time."""
-        self.queue_depth.set_function(lambda: writer.pending)
-        self.spooled.set_function(lambda: len(writer.spool))
-        self.database_up.set_function(lambda: float(writer.healthy))
+    def bind(self, writer: FeedbackWriter, live: LiveGauges) -> None:
+        """Sample the writer's queue, spool and health."""
+        live.add(self.queue_depth, lambda: writer.pending)
+        live.add(self.spooled, lambda: len(writer.spool))
+        live.add(self.database_up, lambda: float(writer.healthy))
 
     def on_batch(self, outcome: str, count: int, seconds: float) -> None:
         self.records.labels(outcome).inc(count)
@@ -144,9 +228,10 @@ class ExperimentMetrics:
             "Share of the alias's traffic each variant of the running experiment gets",
             ["experiment", "variant", "model_version"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.decisions = Counter(
-            "loopchat_ab_decisions_total",
+            "loopchat_ab_decisions",
             "A/B decisions taken by this process's evaluator (promote, rollback, ramp)",
             ["experiment", "action"],
             registry=registry,
@@ -156,19 +241,23 @@ class ExperimentMetrics:
             "Always-valid p-value of each candidate against the control at the last evaluation",
             ["experiment", "variant"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.positive_rate = Gauge(
             "loopchat_experiment_positive_rate",
             "Positive share of judged ratings per variant at the last evaluation",
             ["experiment", "variant"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.adapter_loads = Counter(
-            "loopchat_adapter_loads_total",
+            "loopchat_adapter_loads",
             "Adapter loads by outcome (ok, failed)",
             ["outcome"],
             registry=registry,
         )
+        for outcome in ("ok", "failed"):
+            self.adapter_loads.labels(outcome)
         self.adapter_load_seconds = Histogram(
             "loopchat_adapter_load_seconds",
             "Time to load one adapter into the engine",
@@ -180,7 +269,42 @@ class ExperimentMetrics:
             "1 for each registered version this process could not load (its traffic goes to control)",
             ["model_version"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.registry_revision = Gauge(
-            "loopchat_registry_revision", "Registry revision this process routes by", registry=registry
+            "loopchat_registry_revision",
+            "Registry revision this process routes by",
+            registry=registry,
+            multiprocess_mode="livemin",
         )
+
+
+def clear_gauge(gauge: Gauge) -> None:
+    """Drop a labelled gauge's series. In multiprocess mode a value written to the shared files
+    outlives `clear()`, so every series is set to 0 first."""
+    if multiprocess_dir():
+        for labels in list(gauge._metrics):  # noqa: SLF001 - prometheus_client has no public listing
+            gauge.labels(*labels).set(0)
+    gauge.clear()
+
+
+class MetricsEndpoint:
+    """/metrics as an ASGI app: refreshes the live gauges, then reports this process's registry,
+    or in multiprocess mode every worker's values."""
+
+    def __init__(self, registry: CollectorRegistry, live: LiveGauges) -> None:
+        self._live = live
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        self._app = make_asgi_app(registry)
+
+    async def __call__(self, scope, receive, send) -> None:
+        self._live.sample()
+        await self._app(scope, receive, send)
+
+
+def mark_process_dead() -> None:
+    """Drop this worker's live gauges from the shared files (multiprocess mode) at exit."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(os.getpid())

@@ -9,13 +9,22 @@ import signal
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy.exc import SQLAlchemyError
 
 from feedback.db import make_engine, migrate
 from feedback.log import FeedbackWriter
 from feedback.service import FeedbackService, record_redactor
-from monitoring.metrics import ExperimentMetrics, FeedbackMetrics, ServingMetrics
+from monitoring.metrics import (
+    ExperimentMetrics,
+    FeedbackMetrics,
+    LiveGauges,
+    MetricsEndpoint,
+    ServingMetrics,
+    mark_process_dead,
+)
+from monitoring.retrain_stats import RetrainMetrics
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
@@ -73,7 +82,13 @@ async def _start_registry(app: FastAPI) -> None:
         )
 
 
-async def _start_feedback(app: FastAPI, settings: Settings, registry: CollectorRegistry):
+async def _sample_live_gauges(live: LiveGauges, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        live.sample()
+
+
+async def _start_feedback(app: FastAPI, settings: Settings, registry: CollectorRegistry, live: LiveGauges):
     """The database, the background writer and the feedback service."""
     database = make_engine(settings.db_url)
     options = settings.feedback
@@ -100,7 +115,7 @@ async def _start_feedback(app: FastAPI, settings: Settings, registry: CollectorR
             # Chat keeps serving; the writer spools and migrates once the database answers.
             logger.error("database migration failed, records will be spooled: %s", exc)
             writer.require_setup(lambda: migrate(settings.db_url))
-    metrics.bind(writer)
+    metrics.bind(writer, live)
     writer.start()
     app.state.feedback = FeedbackService(database, writer, options)
     app.state.feedback_metrics = metrics
@@ -124,8 +139,16 @@ def create_app(
         else:
             app.state.engine = engine
         app.state.adapters = AdapterSet(app.state.engine)
-        writer, database = await _start_feedback(app, settings, registry)
+        writer, database = await _start_feedback(app, settings, registry, live)
         app.state.database = database
+        serving_metrics.watch_engine(app.state.engine, live)
+        monitoring = settings.monitoring
+        app.state.background = [
+            asyncio.create_task(_sample_live_gauges(live, monitoring.sample_interval_s), name="live-gauges"),
+            asyncio.create_task(
+                RetrainMetrics(registry).run(database, monitoring.retrain_refresh_s), name="retrain-metrics"
+            ),
+        ]
         base_name = app.state.engine.model_name
         ab_metrics = ExperimentMetrics(registry)
         router = ABRouter(base_name, lookup=app.state.feedback.first_answer)
@@ -136,13 +159,11 @@ def create_app(
         app.state.evaluator = ExperimentEvaluator(
             app.state.experiments, app.state.watcher, ab_metrics, interval=settings.ab.evaluation_interval_s
         )
-        app.state.background = []
         app.state.registry_synced = False
-        metrics = ServingMetrics(registry, app.state.engine)
         app.state.chat = ChatService(
             app.state.engine,
             app.state.adapters,
-            metrics=metrics,
+            metrics=serving_metrics,
             log=app.state.feedback,
             sampled_logprobs=settings.engine.sampled_logprobs,
             router=router,
@@ -160,6 +181,7 @@ def create_app(
             # After the engine: the last completions are logged before the writer drains.
             await asyncio.to_thread(writer.close)
             database.dispose()
+            mark_process_dead()
 
     app = FastAPI(
         title="loopchat",
@@ -168,8 +190,18 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # `_created` series double what Prometheus stores and no dashboard reads them.
+    disable_created_metrics()
     registry = CollectorRegistry()
-    app.mount("/metrics", make_asgi_app(registry))
+    live = LiveGauges()
+    serving_metrics = ServingMetrics(registry)
+    # Route templates, status codes and the answering version/variant of every HTTP request.
+    Instrumentator(should_group_status_codes=False, excluded_handlers=["^/metrics"], registry=registry).add(
+        serving_metrics.observe_http
+    ).instrument(app)
+    endpoint = MetricsEndpoint(registry, live)
+    app.add_route("/metrics", endpoint, include_in_schema=False)
+    app.mount("/metrics", endpoint)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)

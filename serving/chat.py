@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from monitoring.metrics import NO_VARIANT
 from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
 from serving.engine.base import ChatEngine, InvalidPromptError, SamplingOptions
 from serving.errors import APIError, bad_request
@@ -244,13 +245,19 @@ class ChatService:
 
     def _observe(self, chat: PreparedChat, result: CompletionResult) -> None:
         metrics, version = self._metrics, chat.version.name
-        assert metrics is not None
+        assert metrics is not None and result.finished_at is not None
         metrics.inflight.dec()
-        metrics.requests.labels(version, result.finish_reason).inc()
+        metrics.requests.labels(version, chat.variant or NO_VARIANT, result.finish_reason).inc()
+        if result.error is not None:
+            reason = "invalid_prompt" if result.error.startswith("invalid prompt") else "engine"
+            metrics.errors.labels(version, reason).inc()
         metrics.prompt_tokens.labels(version).inc(len(chat.prompt_token_ids))
         metrics.completion_tokens.labels(version).inc(result.completion_tokens)
         if result.first_token_at is not None:
             metrics.time_to_first_token.labels(version).observe(result.first_token_at - result.started)
+            if result.completion_tokens > 1:
+                per_token = (result.finished_at - result.first_token_at) / (result.completion_tokens - 1)
+                metrics.time_per_output_token.labels(version).observe(per_token)
         metrics.latency.labels(version).observe(result.finished_at - result.started)
 
     async def complete(self, chat: PreparedChat) -> tuple[dict, CompletionResult]:

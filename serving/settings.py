@@ -121,6 +121,22 @@ class RetrainSettings(BaseSettings):
     check_interval_s: float = Field(600, gt=0, description="How often the schedule is checked.")
 
 
+class MonitoringSettings(BaseSettings):
+    """Prometheus metrics."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    sample_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often engine and writer gauges are sampled between scrapes "
+        "(what other workers report in multiprocess mode).",
+    )
+    retrain_refresh_s: float = Field(
+        30.0, gt=0, description="How often the retraining runs are read from the database for /metrics."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LOOPCHAT_",
@@ -161,6 +177,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     ab: ABSettings = Field(default_factory=ABSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
 
     @classmethod
     def settings_customise_sources(

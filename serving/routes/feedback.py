@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from feedback.protocol import FeedbackRequest, FeedbackResponse, PreferenceRequest, PreferenceResponse
+from monitoring.metrics import NO_VARIANT
 from serving.deps import FeedbackDep, FeedbackMetricsDep
 from serving.protocol import ErrorResponse
 
@@ -16,7 +17,8 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 503)}
 @router.post("", response_model=FeedbackResponse, responses=_ERRORS)
 async def rate_completion(body: FeedbackRequest, service: FeedbackDep, metrics: FeedbackMetricsDep):
     """Rate one completion; posting again replaces this user's current rating (history is kept)."""
-    stored = await service.rate(body)
+    stored, rated = await service.rate(body)
+    version, variant = rated.model_version, rated.variant or NO_VARIANT
     for kind, given in (
         (body.rating, body.rating is not None),
         ("score", body.score is not None),
@@ -24,13 +26,15 @@ async def rate_completion(body: FeedbackRequest, service: FeedbackDep, metrics: 
         ("correction", body.correction is not None),
     ):
         if given:
-            metrics.ratings.labels(kind).inc()
+            metrics.ratings.labels(kind, version, variant).inc()
+    if body.score is not None:
+        metrics.stars.labels(version).observe(body.score)
     return stored
 
 
 @router.post("/preference", response_model=PreferenceResponse, responses=_ERRORS)
 async def prefer_completion(body: PreferenceRequest, service: FeedbackDep, metrics: FeedbackMetricsDep):
     """Say which of two answers to the same prompt is better (side-by-side)."""
-    stored = await service.prefer(body)
-    metrics.ratings.labels("preference").inc()
+    stored, chosen = await service.prefer(body)
+    metrics.ratings.labels("preference", chosen.model_version, chosen.variant or NO_VARIANT).inc()
     return stored

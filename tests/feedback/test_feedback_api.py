@@ -270,7 +270,13 @@ def test_compare_validates_like_chat(db_client: TestClient):
 def test_feedback_metrics(db_client: TestClient):
     completion = chat(db_client)["id"]
     rate(db_client, completion_id=completion, rating="down", comment="meh", user="alice")
+    rate(db_client, completion_id=completion, score=4, user="alice")
     text = db_client.get("/metrics/").text
-    assert 'loopchat_feedback_ratings_total{kind="down"} 1.0' in text
-    assert 'loopchat_feedback_ratings_total{kind="comment"} 1.0' in text
+    # By kind, with the rated answer's version and variant (none: no experiment ran).
+    for kind in ("down", "comment", "score"):
+        labels = f'kind="{kind}",model_version="fake-base",variant="none"'
+        assert f"loopchat_feedback_ratings_total{{{labels}}} 1.0" in text
+    assert 'loopchat_feedback_stars_bucket{le="3.0",model_version="fake-base"} 0.0' in text
+    assert 'loopchat_feedback_stars_bucket{le="4.0",model_version="fake-base"} 1.0' in text
     assert "loopchat_feedback_database_up 1.0" in text
+    assert "loopchat_feedback_spool_records 0.0" in text

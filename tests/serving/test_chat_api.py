@@ -259,11 +259,38 @@ def test_engine_start_failure_reported_on_readyz(settings) -> None:
 
 def test_metrics_count_completions(client: TestClient) -> None:
     client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 3})
-    text = client.get("/metrics/").text
-    assert 'loopchat_chat_requests_total{finish_reason="length",model_version="fake-base"} 1.0' in text
+    client.post("/v1/chat/completions", json={"messages": []})
+    client.get("/v1/nothing-here")
+    text = client.get("/metrics").text
+    chat = 'finish_reason="length",model_version="fake-base",variant="none"'
+    assert f"loopchat_chat_requests_total{{{chat}}} 1.0" in text
     assert 'loopchat_completion_tokens_total{model_version="fake-base"} 3.0' in text
+    assert 'loopchat_time_per_output_token_seconds_count{model_version="fake-base"} 1.0' in text
     assert "loopchat_engine_ready 1.0" in text
     assert "loopchat_chat_inflight_requests 0.0" in text
+    # Every HTTP request by route template and status; unknown paths share one label value.
+    route = 'route="/v1/chat/completions"'
+    ok = f'method="POST",model_version="fake-base",{route},status="200",variant="none"'
+    assert f"loopchat_http_requests_total{{{ok}}} 1.0" in text
+    bad = f'method="POST",model_version="",{route},status="400",variant=""'
+    assert f"loopchat_http_requests_total{{{bad}}} 1.0" in text
+    assert 'method="GET",model_version="",route="none",status="404"' in text
+    assert "/v1/nothing-here" not in text and 'route="/metrics"' not in text
+    assert f'loopchat_http_request_duration_seconds_count{{method="POST",{route}}} 2.0' in text
+    assert "_created" not in text
+    assert client.get("/metrics/").text.startswith("# HELP")
+
+
+def test_metrics_count_engine_errors(settings) -> None:
+    engine = FakeEngine()
+    engine.fail_with = RuntimeError("device lost")
+    app = create_app(settings, engine=engine, exit_on_engine_failure=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        wait_ready(c)
+        assert c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4}).status_code == 500
+        text = c.get("/metrics").text
+    assert 'loopchat_chat_errors_total{model_version="fake-base",reason="engine"} 1.0' in text
+    assert 'status="500"' in text
 
 
 def test_client_error_leaves_server_serving(client: TestClient) -> None:
