@@ -23,21 +23,24 @@ fi
 if [[ "$extra" == cpu ]]; then
     "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
-# The browser tests (tests/feedback/test_widget_e2e.py) drive Debian's chromium through Playwright,
-# which cannot download browsers here. Best effort: without chromium those tests skip.
-install_chromium() {
-    [[ -x /usr/bin/chromium ]] && return 0
+# Test tools from Debian's packages, best effort (without them those tests skip, or fail in CI):
+# chromium for the widget's browser tests (Playwright cannot download browsers here), prometheus
+# (with promtool) for the dashboard and alert-rule checks in tests/deploy.
+install_debian_tool() {
+    local package=$1 binary=$2 purpose=$3
+    [[ -x "$binary" ]] && return 0
     if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
-        echo "loopchat install: /usr/bin/chromium missing (installing it needs root and apt-get); browser tests will skip" >&2
+        echo "loopchat install: $binary missing (installing it needs root and apt-get); $purpose will skip" >&2
         return 0
     fi
-    echo "loopchat install: installing chromium (apt-get) for the browser tests"
+    echo "loopchat install: installing $package (apt-get) for $purpose"
     local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -y -qq)
     # Stale or empty package lists make the first try fail: refresh them once and retry.
-    if ! "${apt[@]}" install --no-install-recommends chromium >/dev/null 2>&1 \
-        && ! { "${apt[@]}" update && "${apt[@]}" install --no-install-recommends chromium >/dev/null; }; then
-        echo "loopchat install: apt-get could not install chromium; browser tests will skip" >&2
+    if ! "${apt[@]}" install --no-install-recommends "$package" >/dev/null 2>&1 \
+        && ! { "${apt[@]}" update && "${apt[@]}" install --no-install-recommends "$package" >/dev/null; }; then
+        echo "loopchat install: apt-get could not install $package; $purpose will skip" >&2
     fi
 }
-install_chromium
+install_debian_tool chromium /usr/bin/chromium "the browser tests"
+install_debian_tool prometheus /usr/bin/promtool "the Prometheus checks"
 "$venv/bin/python" -c "import vllm, torch; print(f'loopchat install ok: vllm {vllm.__version__}, torch {torch.__version__}')"

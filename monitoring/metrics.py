@@ -230,12 +230,6 @@ class ExperimentMetrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
-        self.decisions = Counter(
-            "loopchat_ab_decisions",
-            "A/B decisions taken by this process's evaluator (promote, rollback, ramp)",
-            ["experiment", "action"],
-            registry=registry,
-        )
         self.p_value = Gauge(
             "loopchat_experiment_p_value",
             "Always-valid p-value of each candidate against the control at the last evaluation",

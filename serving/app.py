@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from feedback.db import make_engine, migrate
 from feedback.log import FeedbackWriter
 from feedback.service import FeedbackService, record_redactor
+from monitoring.loop_stats import LoopMetrics
 from monitoring.metrics import (
     ExperimentMetrics,
     FeedbackMetrics,
@@ -24,7 +25,6 @@ from monitoring.metrics import (
     ServingMetrics,
     mark_process_dead,
 )
-from monitoring.retrain_stats import RetrainMetrics
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
@@ -146,7 +146,7 @@ def create_app(
         app.state.background = [
             asyncio.create_task(_sample_live_gauges(live, monitoring.sample_interval_s), name="live-gauges"),
             asyncio.create_task(
-                RetrainMetrics(registry).run(database, monitoring.retrain_refresh_s), name="retrain-metrics"
+                LoopMetrics(registry).run(database, monitoring.database_refresh_s), name="loop-metrics"
             ),
         ]
         base_name = app.state.engine.model_name

@@ -132,8 +132,10 @@ class MonitoringSettings(BaseSettings):
         description="How often engine and writer gauges are sampled between scrapes "
         "(what other workers report in multiprocess mode).",
     )
-    retrain_refresh_s: float = Field(
-        30.0, gt=0, description="How often the retraining runs are read from the database for /metrics."
+    database_refresh_s: float = Field(
+        15.0,
+        gt=0,
+        description="How often retraining runs and A/B decisions are read from the database for /metrics.",
     )
 
 

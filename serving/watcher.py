@@ -192,7 +192,6 @@ class ExperimentEvaluator:
             if numbers.get("positive_rate") is not None:
                 self._metrics.positive_rate.labels(running.name, variant).set(numbers["positive_rate"])
         if decision.action != "hold" and running.spec.get("auto", True):
-            self._metrics.decisions.labels(running.name, decision.action).inc()
             logger.info("experiment %s: %s %s (%s)", running.name, decision.action,
                         decision.candidate or "", decision.reason)  # fmt: skip
             # Route by the decision now rather than at the next poll.

@@ -17,7 +17,7 @@ from sqlmodel import Session
 
 from feedback.db import make_engine, migrate
 from feedback.models import TrainingRun
-from monitoring.retrain_stats import RetrainMetrics, read_snapshot
+from monitoring.loop_stats import LoopMetrics, read_snapshot
 from serving.app import create_app
 from serving.settings import MonitoringSettings, Settings
 from tests.conftest import wait_ready
@@ -56,7 +56,7 @@ def evaluation(candidate_ppl: float, champion_ppl: float) -> dict:
 def test_retrain_runs_read_from_the_database(database_url: str) -> None:
     migrate(database_url)
     registry = CollectorRegistry()
-    metrics = RetrainMetrics(registry)
+    metrics = LoopMetrics(registry)
     engine = make_engine(database_url)
     empty = read_snapshot(engine)
     # Every status is reported from the start, so `delta()` sees the first failure.
@@ -91,7 +91,7 @@ def test_retrain_runs_read_from_the_database(database_url: str) -> None:
 
 
 def test_service_reports_retrain_runs(db_settings: Settings) -> None:
-    settings = db_settings.model_copy(update={"monitoring": MonitoringSettings(retrain_refresh_s=0.1)})
+    settings = db_settings.model_copy(update={"monitoring": MonitoringSettings(database_refresh_s=0.1)})
     with TestClient(create_app(settings, engine=FakeEngine(), exit_on_engine_failure=False)) as client:
         wait_ready(client)
         add_run(settings.db_url, "r1", "registered", 1, metrics=evaluation(9.0, 10.0))
@@ -103,7 +103,7 @@ def test_service_reports_retrain_runs(db_settings: Settings) -> None:
             time.sleep(0.1)
         assert values[("loopchat_retrain_runs", (("status", "registered"),))] == 1
         assert values[("loopchat_retrain_last_gate_passed", ())] == 1
-        assert values[("loopchat_retrain_stats_up", ())] == 1
+        assert values[("loopchat_loop_stats_up", ())] == 1
 
 
 WORKER = textwrap.dedent(

@@ -18,7 +18,7 @@ from feedback.db import make_engine
 from feedback.models import Completion, Conversation, Rating
 from serving.app import create_app
 from serving.experiments import ExperimentService
-from serving.settings import ABSettings, Settings
+from serving.settings import ABSettings, MonitoringSettings, Settings
 from tests.conftest import wait_ready
 from tests.utils.adapters import make_adapter_dir
 from tests.utils.fake_engine import FakeEngine
@@ -219,7 +219,10 @@ def test_a_guardrail_breach_is_rolled_back_within_one_evaluation_interval(
 ):
     interval = 1.0
     settings = ab_settings.model_copy(
-        update={"ab": ABSettings(poll_interval_s=0.1, evaluation_interval_s=interval)}
+        update={
+            "ab": ABSettings(poll_interval_s=0.1, evaluation_interval_s=interval),
+            "monitoring": MonitoringSettings(database_refresh_s=0.2),
+        }
     )
     engine = FakeEngine()
     engine.failing_adapters.add("v1")
@@ -262,10 +265,12 @@ def test_a_guardrail_breach_is_rolled_back_within_one_evaluation_interval(
         # Everyone is back on the control, and the engine no longer holds the rejected version.
         assert {chat(client, f"u{i}")["x-loopchat-model-version"] for i in range(30)} == {"fake-base"}
         assert not engine.adapters
-        assert (
-            'loopchat_ab_decisions_total{action="rollback",experiment="exp1"} 1.0'
-            in client.get("/metrics/").text
+        # Decisions as metrics come from the database: the same on every replica.
+        assert wait_until(
+            lambda: 'loopchat_ab_decisions{action="rollback",by="auto"} 1.0' in client.get("/metrics").text,
+            timeout=5,
         )
+        assert 'loopchat_ab_decisions{action="start",by="operator"} 1.0' in client.get("/metrics").text
 
 
 def test_a_better_candidate_is_promoted_and_takes_the_alias(

@@ -1,9 +1,10 @@
-"""Retraining runs as metrics, read from the database.
+"""The loop's decisions as metrics, read from the database: retraining runs and A/B decisions.
 
 Runs happen in whichever process holds the retraining lease (the service's schedule, a CronJob,
-an operator's `loopchat retrain`), often one Prometheus never scrapes and that exits when done.
-Every run is a `training_run` row, so each serving process reports the runs from there; the
-values are the same on every replica (dashboards take `max`).
+an operator's `loopchat retrain`), often one Prometheus never scrapes and that exits when done;
+A/B decisions are taken by any replica's evaluator or by an operator. Both are rows in the
+database, so each serving process reports them from there; the values are the same on every
+replica (dashboards take `max`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sqlalchemy import Engine, func
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from feedback.models import TrainingRun
+from feedback.models import ABDecision, TrainingRun
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,14 @@ RUN_STATUSES = ("running", "registered", "rejected", "skipped", "failed")
 STAGES = ("select", "dataset", "train", "evaluate")
 # Evaluation figures of the gate, per model (candidate, champion).
 EVALUATION_METRICS = ("perplexity", "token_accuracy", "token_f1", "preference_accuracy")
+DECISION_ACTIONS = ("start", "ramp", "promote", "rollback", "weights", "stop")
+# Who decided: the evaluator ("auto") or an operator (any other actor, by name: not a label).
+DECISION_BY = ("auto", "operator")
 
 
 @dataclass(slots=True)
-class RetrainSnapshot:
+class LoopSnapshot:
+    decisions: dict[tuple[str, str], int] = field(default_factory=dict)
     runs: dict[str, int] = field(default_factory=dict)
     last_finished: dict[str, float] = field(default_factory=dict)
     last_stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -38,9 +43,19 @@ class RetrainSnapshot:
     last_gate_passed: float | None = None
 
 
-def read_snapshot(database: Engine) -> RetrainSnapshot:
-    snapshot = RetrainSnapshot(runs=dict.fromkeys(RUN_STATUSES, 0))
+def read_snapshot(database: Engine) -> LoopSnapshot:
+    snapshot = LoopSnapshot(
+        runs=dict.fromkeys(RUN_STATUSES, 0),
+        decisions={(action, by): 0 for action in DECISION_ACTIONS for by in DECISION_BY},
+    )
     with Session(database) as session:
+        for action, actor, count in session.exec(
+            select(ABDecision.action, ABDecision.actor, func.count()).group_by(
+                ABDecision.action, ABDecision.actor
+            )
+        ):
+            key = (action, "auto" if actor == "auto" else "operator")
+            snapshot.decisions[key] = snapshot.decisions.get(key, 0) + count
         for status, count, finished in session.exec(
             select(TrainingRun.status, func.count(), func.max(TrainingRun.finished_at)).group_by(
                 TrainingRun.status
@@ -79,8 +94,16 @@ def _epoch(value: datetime) -> float:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
-class RetrainMetrics:
+class LoopMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Gauge(
+            "loopchat_ab_decisions",
+            "A/B decisions in the database by action (start, ramp, promote, rollback, weights, stop) "
+            "and by whom (auto: the evaluator; operator)",
+            ["action", "by"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.runs = Gauge(
             "loopchat_retrain_runs",
             "Retraining runs in the database by status (running, registered, rejected, skipped, failed)",
@@ -116,13 +139,15 @@ class RetrainMetrics:
             multiprocess_mode="livemostrecent",
         )
         self.up = Gauge(
-            "loopchat_retrain_stats_up",
-            "1 when the last read of the retraining runs succeeded",
+            "loopchat_loop_stats_up",
+            "1 when the last read of retraining runs and A/B decisions from the database succeeded",
             registry=registry,
             multiprocess_mode="livemin",
         )
 
-    def apply(self, snapshot: RetrainSnapshot) -> None:
+    def apply(self, snapshot: LoopSnapshot) -> None:
+        for (action, by), count in snapshot.decisions.items():
+            self.decisions.labels(action, by).set(count)
         for status, count in snapshot.runs.items():
             self.runs.labels(status).set(count)
         for status, at in snapshot.last_finished.items():
@@ -139,7 +164,7 @@ class RetrainMetrics:
             snapshot = await asyncio.to_thread(read_snapshot, database)
         except SQLAlchemyError as exc:
             self.up.set(0)
-            logger.warning("could not read retraining runs: %s", exc.__class__.__name__)
+            logger.warning("could not read retraining runs and decisions: %s", exc.__class__.__name__)
             return
         self.apply(snapshot)
         self.up.set(1)
