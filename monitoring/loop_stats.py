@@ -28,8 +28,15 @@ STAGES = ("select", "dataset", "train", "evaluate")
 # Evaluation figures of the gate, per model (candidate, champion).
 EVALUATION_METRICS = ("perplexity", "token_accuracy", "token_f1", "preference_accuracy")
 DECISION_ACTIONS = ("start", "ramp", "promote", "rollback", "weights", "stop")
-# Who decided: the evaluator ("auto") or an operator (any other actor, by name: not a label).
-DECISION_BY = ("auto", "operator")
+# Who decided: the evaluator (auto), a retraining run's canary (retrain), the experiments file
+# (config), or an operator (any other actor: names are not label values).
+DECISION_BY = ("auto", "retrain", "config", "operator")
+
+
+def decided_by(actor: str) -> str:
+    if actor in ("auto", "config"):
+        return actor
+    return "retrain" if actor.startswith("retrain") else "operator"
 
 
 @dataclass(slots=True)
@@ -54,7 +61,7 @@ def read_snapshot(database: Engine) -> LoopSnapshot:
                 ABDecision.action, ABDecision.actor
             )
         ):
-            key = (action, "auto" if actor == "auto" else "operator")
+            key = (action, decided_by(actor))
             snapshot.decisions[key] = snapshot.decisions.get(key, 0) + count
         for status, count, finished in session.exec(
             select(TrainingRun.status, func.count(), func.max(TrainingRun.finished_at)).group_by(
@@ -98,8 +105,8 @@ class LoopMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.decisions = Gauge(
             "loopchat_ab_decisions",
-            "A/B decisions in the database by action (start, ramp, promote, rollback, weights, stop) "
-            "and by whom (auto: the evaluator; operator)",
+            "A/B decisions in the database by action (start, ramp, promote, rollback, weights, stop) and "
+            "by whom (auto: the evaluator, retrain: a run's canary, config: the experiments file, operator)",
             ["action", "by"],
             registry=registry,
             multiprocess_mode="livemax",

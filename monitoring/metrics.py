@@ -272,6 +272,21 @@ class ExperimentMetrics:
             multiprocess_mode="livemin",
         )
 
+    def on_experiment(self, running: str | None) -> None:
+        """The routing table changed: weights are set anew; an ended experiment's test numbers go."""
+        clear_gauge(self.weight)
+        for gauge in (self.p_value, self.positive_rate):
+            if any(labels[0] != running for labels in list(gauge._metrics)):  # noqa: SLF001
+                clear_gauge(gauge)
+
+    def observe_evaluation(self, experiment: str, numbers: dict) -> None:
+        """Each candidate's p-value and each variant's positive rate from one evaluation."""
+        for variant, test in numbers.get("variants", {}).items():
+            self.p_value.labels(experiment, variant).set(test["p_value"])
+        for variant, outcome in numbers.get("outcomes", {}).items():
+            if outcome.get("positive_rate") is not None:
+                self.positive_rate.labels(experiment, variant).set(outcome["positive_rate"])
+
 
 def clear_gauge(gauge: Gauge) -> None:
     """Drop a labelled gauge's series. In multiprocess mode a value written to the shared files

@@ -22,6 +22,10 @@ def retrain(
         bool, typer.Option(help="Keep running: start a run whenever the schedule says so.")
     ] = False,
     check_every: Annotated[float, typer.Option(help="With --schedule: minutes between checks.")] = 10.0,
+    if_due: Annotated[
+        bool,
+        typer.Option(help="Run once if the schedule says a run is due, else exit 0 (for cron jobs)."),
+    ] = False,
 ) -> None:
     """Run the retraining loop once (select, dataset, train, gate, register, canary), or on a schedule."""
     from retrain.config import load_config
@@ -33,6 +37,12 @@ def retrain(
         raise fail(str(exc)) from exc
     settings, engine = database()
     runner = RetrainRunner(settings, engine, retrain_config)
+    if if_due:
+        ready, why = due(engine, retrain_config)
+        if not ready:
+            typer.echo(f"not due: {why}")
+            engine.dispose()
+            return
     while True:
         if schedule:
             ready, why = due(engine, retrain_config)
@@ -41,7 +51,7 @@ def retrain(
                 time.sleep(check_every * 60)
                 continue
         try:
-            run = runner.run(trigger="schedule" if schedule else "manual")
+            run = runner.run(trigger="schedule" if schedule or if_due else "manual")
         except RetrainBusyError as exc:
             if not schedule:
                 raise fail(str(exc)) from exc

@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from feedback.db import make_engine, migrate
 from feedback.log import FeedbackWriter
 from feedback.service import FeedbackService, record_redactor
+from feedback.spool import adopt_orphaned_spools, worker_spool_dir
 from monitoring.loop_stats import LoopMetrics
 from monitoring.metrics import (
     ExperimentMetrics,
@@ -24,6 +25,7 @@ from monitoring.metrics import (
     MetricsEndpoint,
     ServingMetrics,
     mark_process_dead,
+    multiprocess_dir,
 )
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
@@ -98,9 +100,13 @@ async def _start_feedback(app: FastAPI, settings: Settings, registry: CollectorR
 
         redact = record_redactor(Redactor(options.custom_patterns))
     metrics = FeedbackMetrics(registry)
+    # Several workers on one data_dir each keep their own spool; each takes over the files of
+    # processes that no longer run.
+    spool_dir = worker_spool_dir(settings.spool_dir) if multiprocess_dir() else settings.spool_dir
+    await asyncio.to_thread(adopt_orphaned_spools, settings.spool_dir, spool_dir)
     writer = FeedbackWriter(
         database,
-        settings.spool_dir,
+        spool_dir,
         redact=redact,
         batch_size=options.batch_size,
         flush_interval=options.flush_interval_ms / 1000,
@@ -120,6 +126,11 @@ async def _start_feedback(app: FastAPI, settings: Settings, registry: CollectorR
     app.state.feedback = FeedbackService(database, writer, options)
     app.state.feedback_metrics = metrics
     return writer, database
+
+
+def create_app_from_env() -> FastAPI:
+    """The app as uvicorn's worker processes build it (`loopchat serve --workers N`)."""
+    return create_app(get_settings())
 
 
 def create_app(
@@ -150,7 +161,7 @@ def create_app(
             ),
         ]
         base_name = app.state.engine.model_name
-        ab_metrics = ExperimentMetrics(registry)
+        ab_metrics = app.state.experiment_metrics = ExperimentMetrics(registry)
         router = ABRouter(base_name, lookup=app.state.feedback.first_answer)
         app.state.experiments = ExperimentService(database, base_name=base_name)
         app.state.watcher = RegistryWatcher(

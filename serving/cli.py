@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,14 @@ app.command("demo")(demo)
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (LOOPCHAT_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (LOOPCHAT_PORT).")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes on the port, each with its own engine (several GPUs or CPU sockets); "
+            "metrics then run in Prometheus's multiprocess mode.",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the OpenAI-compatible API on the configured model."""
     import uvicorn
@@ -37,13 +46,21 @@ def serve(
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = Settings(**overrides)
     setup_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+               "timeout_graceful_shutdown": 30}  # fmt: skip
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    # Workers are fresh processes: they read the settings (and these overrides) from the
+    # environment, and share metric values through files in PROMETHEUS_MULTIPROC_DIR, which
+    # must start empty.
+    os.environ.update({f"LOOPCHAT_{k.upper()}": str(v) for k, v in overrides.items()})
+    metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.data_dir / "metrics")
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    uvicorn.run("serving.app:create_app_from_env", factory=True, workers=workers, **options)
 
 
 @model_app.command("prepare")

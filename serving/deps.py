@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 
 from feedback.service import FeedbackService
-from monitoring.metrics import FeedbackMetrics
+from monitoring.metrics import ExperimentMetrics, FeedbackMetrics
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
@@ -63,6 +63,10 @@ async def get_feedback_metrics(request: Request) -> FeedbackMetrics:
     return request.app.state.feedback_metrics
 
 
+async def get_experiment_metrics(request: Request) -> ExperimentMetrics:
+    return request.app.state.experiment_metrics
+
+
 async def get_database(request: Request) -> Engine:
     return request.app.state.database
 
@@ -98,6 +102,7 @@ AdaptersDep = Annotated[AdapterSet, Depends(get_adapters)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
 FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
 FeedbackMetricsDep = Annotated[FeedbackMetrics, Depends(get_feedback_metrics)]
+ExperimentMetricsDep = Annotated[ExperimentMetrics, Depends(get_experiment_metrics)]
 DatabaseDep = Annotated[Engine, Depends(get_database)]
 ExperimentsDep = Annotated[ExperimentService, Depends(get_experiments)]
 WatcherDep = Annotated[RegistryWatcher, Depends(get_watcher)]

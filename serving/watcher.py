@@ -133,7 +133,7 @@ class RegistryWatcher:
         return {v.name for v in self._adapters.versions()}
 
     def _route(self, versions: list[ModelVersionRecord], experiment: Experiment | None) -> None:
-        self._metrics.weight.clear()
+        self._metrics.on_experiment(experiment.name if experiment is not None else None)
         route = None
         if experiment is not None:
             route = ExperimentRoute(experiment.name, experiment.salt, list(experiment.variants))
@@ -186,11 +186,7 @@ class ExperimentEvaluator:
         if running is None:
             return
         decision = await asyncio.to_thread(self._service.evaluate, running.name)
-        for variant, numbers in decision.numbers.get("variants", {}).items():
-            self._metrics.p_value.labels(running.name, variant).set(numbers["p_value"])
-        for variant, numbers in decision.numbers.get("outcomes", {}).items():
-            if numbers.get("positive_rate") is not None:
-                self._metrics.positive_rate.labels(running.name, variant).set(numbers["positive_rate"])
+        self._metrics.observe_evaluation(running.name, decision.numbers)
         if decision.action != "hold" and running.spec.get("auto", True):
             logger.info("experiment %s: %s %s (%s)", running.name, decision.action,
                         decision.candidate or "", decision.reason)  # fmt: skip

@@ -143,6 +143,8 @@ def live_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory)
         "LOOPCHAT_ENGINE__MAX_MODEL_LEN": "2048",
         "LOOPCHAT_ENGINE__MAX_LORA_RANK": "16",
         "LOOPCHAT_DATABASE_URL": database_url,
+        # Retraining runs and A/B decisions reach /metrics within 2 s (tests/test_loop.py).
+        "LOOPCHAT_MONITORING__DATABASE_REFRESH_S": "2",
     }
     with log.open("w") as out:
         process = subprocess.Popen(

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from feedback.models import Experiment
-from serving.deps import AdminDep, ExperimentsDep, WatcherDep
+from serving.deps import AdminDep, ExperimentMetricsDep, ExperimentsDep, WatcherDep
 from serving.errors import APIError, bad_request
 from serving.experiment_spec import (
     ExperimentError,
@@ -98,8 +98,12 @@ async def stop(name: str, service: ExperimentsDep, watcher: WatcherDep):
 
 
 @router.post("/{name}/evaluate", responses=_ERRORS)
-async def evaluate(name: str, service: ExperimentsDep, watcher: WatcherDep) -> dict[str, Any]:
+async def evaluate(
+    name: str, service: ExperimentsDep, watcher: WatcherDep, metrics: ExperimentMetricsDep
+) -> dict[str, Any]:
     """Run one evaluation now (the service also runs them on a schedule)."""
     decision = await _call(watcher, service.evaluate, name)
+    if decision.numbers:
+        metrics.observe_evaluation(name, decision.numbers)
     return {"action": decision.action, "reason": decision.reason, "variant": decision.candidate,
             "numbers": decision.numbers}  # fmt: skip

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from feedback.db import alembic_config, current_revision, make_engine, migrate
 from feedback.log import FeedbackWriter, RecordRejectedError
-from feedback.spool import Spool
+from feedback.spool import Spool, adopt_orphaned_spools, worker_spool_dir
 from tests.utils.db import skip_or_fail_without_postgres
 from tests.utils.tcp_proxy import TCPProxy
 
@@ -210,6 +212,32 @@ def test_spool_drops_a_torn_last_line(tmp_path: Path):
     reopened = Spool(tmp_path)
     assert len(reopened) == 2
     assert [r["kind"] for r in reopened.read(path)] == ["a", "b"]
+
+
+def test_a_worker_takes_over_the_spools_nobody_runs(database_url: str, tmp_path: Path):
+    """`serve --workers N`: each worker spools in its own folder; files of workers that exited
+    (or of an earlier single-process run) are replayed by whichever worker starts next."""
+    migrate(database_url)
+    root = tmp_path / "spool"
+    rows = [completion(i) for i in range(4)]
+    Spool(root).append(rows[:1])  # an earlier single-process run
+    Spool(worker_spool_dir(root, 999_999_999)).append(rows[1:3])  # a worker that exited
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        Spool(worker_spool_dir(root, alive.pid)).append(rows[3:])  # a worker still running
+        own = worker_spool_dir(root)
+        assert adopt_orphaned_spools(root, own) == 2
+        assert adopt_orphaned_spools(root, own) == 0
+        assert not worker_spool_dir(root, 999_999_999).exists()
+        assert len(Spool(worker_spool_dir(root, alive.pid))) == 1  # left to its owner
+        writer = writer_for(database_url, own)
+        writer.start()
+        wait_until(lambda: count(database_url, "completion") == 3)
+        writer.close()
+        assert not writer.spool.files()
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 async def test_postgres_outage_mid_run_loses_nothing(tmp_path: Path):

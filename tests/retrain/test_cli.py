@@ -58,3 +58,27 @@ def test_the_example_retraining_config_is_valid() -> None:
     config = load_config(Path(__file__).resolve().parents[2] / "deploy" / "retrain.example.yaml")
     assert config.training.lr_scheduler == "cosine" and config.canary_policy.max_latency_p95_ratio == 3.0
     assert config.selection.budget == 2000 and config.schedule.min_new_ratings == 200
+
+
+def test_if_due_runs_at_most_once_per_schedule(tmp_path: Path) -> None:
+    """`loopchat retrain --if-due`, as a Kubernetes CronJob runs it."""
+    url = f"sqlite:///{tmp_path / 'loopchat.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    for i in range(3):
+        log_completion(engine, f"q{i}", f"a{i}", thumb="up")
+    engine.dispose()
+    config = tmp_path / "retrain.yaml"
+    config.write_text(
+        "min_examples: 100\nselection: {embed: false}\nschedule: {every_hours: 24, min_new_ratings: 5}\n"
+    )
+    waiting = run(tmp_path, "retrain", "--config", str(config), "--if-due")
+    assert waiting.returncode == 0 and "not due: 3 new ratings (< 5)" in waiting.stdout
+    assert "run-" not in run(tmp_path, "runs", "list").stdout
+    config.write_text(
+        "min_examples: 100\nselection: {embed: false}\nschedule: {every_hours: 24, min_new_ratings: 3}\n"
+    )
+    done = run(tmp_path, "retrain", "--config", str(config), "--if-due")
+    assert done.returncode == 0 and ": skipped: not enough training examples" in done.stdout
+    again = run(tmp_path, "retrain", "--config", str(config), "--if-due")
+    assert again.returncode == 0 and "not due: last run" in again.stdout
