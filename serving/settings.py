@@ -38,8 +38,8 @@ class EngineSettings(BaseSettings):
         4096, ge=64, description="Context length in tokens; None uses the model's own."
     )
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, graphs on GPU.")
-    kv_cache_space_gib: float = Field(
-        1.0, gt=0, description="CPU only: GiB reserved for the KV cache (VLLM_CPU_KVCACHE_SPACE)."
+    kv_cache_space_gib: int = Field(
+        1, ge=1, description="CPU only: whole GiB reserved for the KV cache (VLLM_CPU_KVCACHE_SPACE)."
     )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")

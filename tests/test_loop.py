@@ -69,6 +69,9 @@ def loop(
     live_server: LiveServer, prometheus: PrometheusServer, base_model_path: Path, tmp_path_factory
 ) -> Iterator[tuple[DemoReport, float]]:
     started = time.time()
+    # Before and after the demo: Prometheus sees a new series' first value as its start, so
+    # panels of rates and ratios need the second.
+    other_traffic(live_server.url)
     report = run_demo(
         tmp_path_factory.mktemp("demo"),
         users=32,

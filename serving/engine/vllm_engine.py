@@ -51,7 +51,7 @@ def configure_vllm_environment(settings: Settings, *, on_gpu: bool) -> None:
     if not on_gpu:
         # Without an explicit KV size vLLM refuses to start on these CPUs.
         kv_gib = settings.engine.kv_cache_space_gib
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_gib:g}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 

@@ -52,3 +52,10 @@ def test_placeholder_admin_token_refused_in_production(token: str) -> None:
 
 def test_real_admin_token_accepted_in_production() -> None:
     assert Settings(environment="production", admin_token="x" * 32).admin_token is not None
+
+
+def test_cpu_kv_cache_space_takes_whole_gib(monkeypatch, tmp_path: Path) -> None:
+    # vLLM reads VLLM_CPU_KVCACHE_SPACE as an integer: refuse a fraction here, not in the engine.
+    monkeypatch.setenv("LOOPCHAT_ENGINE__KV_CACHE_SPACE_GIB", "0.5")
+    with pytest.raises(ValidationError, match="kv_cache_space_gib"):
+        Settings(data_dir=tmp_path)
