@@ -20,6 +20,7 @@ from serving.app import create_app
 from serving.settings import Settings
 from tests.utils.db import postgres_schema_url, skip_or_fail_without_postgres
 from tests.utils.fake_engine import FakeEngine
+from tests.utils.processes import wait_for_ready
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token-" + "x" * 16
@@ -156,19 +157,8 @@ def live_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory)
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 400
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_for_ready(process, f"{url}/readyz", log, timeout=400)
         yield LiveServer(url, token, process, log, database_url)
     finally:
         if process.poll() is None:

@@ -48,7 +48,10 @@ def prometheus(
 
 def other_traffic(url: str) -> None:
     """What the demo's users do not: stars, comments, side-by-side choices, a stream, bad input."""
-    ask = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "user": "watcher"}
+    # The base model by name: the alias changes version when the demo promotes its candidate,
+    # and a rate needs two values of one series.
+    ask = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Name a colour."}],
+           "max_tokens": 8, "user": "watcher"}  # fmt: skip
     answer = httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=120).json()
     rating = {"completion_id": answer["id"], "user": "watcher", "score": 4, "comment": "fine"}
     httpx.post(f"{url}/v1/feedback", json=rating, timeout=60).raise_for_status()

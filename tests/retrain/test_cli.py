@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sqlmodel import Session
+
 from feedback.db import make_engine, migrate
+from feedback.models import TrainingRun
 from tests.utils.factories import log_completion
 
 
@@ -80,5 +83,11 @@ def test_if_due_runs_at_most_once_per_schedule(tmp_path: Path) -> None:
     )
     done = run(tmp_path, "retrain", "--config", str(config), "--if-due")
     assert done.returncode == 0 and ": skipped: not enough training examples" in done.stdout
+    # A skipped run does not restart the clock (data keeps coming); a trained one does.
+    engine = make_engine(url)
+    with Session(engine) as session:
+        session.add(TrainingRun(id="run-trained", status="rejected"))
+        session.commit()
+    engine.dispose()
     again = run(tmp_path, "retrain", "--config", str(config), "--if-due")
     assert again.returncode == 0 and "not due: last run" in again.stdout

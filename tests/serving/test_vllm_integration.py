@@ -218,7 +218,7 @@ def test_client_disconnect_mid_stream_aborts_engine_request(live_server: LiveSer
     # 1500 tokens take minutes on this CPU; an abort frees the engine within seconds.
     assert _wait_engine_idle(live_server) == 0
     before = live_server.metric(
-        'loopchat_chat_requests_total{finish_reason="abort",model_version="SmolLM2-135M-Instruct"}'
+        'loopchat_chat_requests_total{finish_reason="abort",model_version="SmolLM2-135M-Instruct",variant="none"}'
     )
     assert before >= 1
 

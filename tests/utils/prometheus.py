@@ -6,13 +6,14 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+
+from tests.utils.processes import wait_for_ready
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules" / "loopchat.yml"
@@ -67,18 +68,7 @@ class PrometheusServer:
                  f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prometheus not ready:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        wait_for_ready(self.process, f"{self.url}/-/ready", self.log, timeout=60, interval=0.2)
 
     def api(self, path: str, **params: Any) -> Any:
         response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=30)
