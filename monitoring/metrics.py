@@ -273,8 +273,11 @@ class ExperimentMetrics:
         )
 
     def on_experiment(self, running: str | None) -> None:
-        """The routing table changed: weights are set anew; an ended experiment's test numbers go."""
+        """The routing table changed: weights are set anew. The last evaluation's numbers stay
+        after an experiment ends (they show why it ended) until another one starts."""
         clear_gauge(self.weight)
+        if running is None:
+            return
         for gauge in (self.p_value, self.positive_rate):
             if any(labels[0] != running for labels in list(gauge._metrics)):  # noqa: SLF001
                 clear_gauge(gauge)

@@ -18,6 +18,7 @@ from sqlmodel import Session
 from feedback.db import make_engine, migrate
 from feedback.models import TrainingRun
 from monitoring.loop_stats import LoopMetrics, read_snapshot
+from monitoring.metrics import ExperimentMetrics
 from serving.app import create_app
 from serving.settings import MonitoringSettings, Settings
 from tests.conftest import wait_ready
@@ -178,3 +179,18 @@ def test_multiprocess_mode_reports_every_worker(tmp_path: Path) -> None:
     totals = samples(collect.stdout)
     assert totals[("loopchat_chat_requests_total", chat)] == 5
     assert ("loopchat_engine_ready", ()) not in totals
+
+
+def test_an_ended_experiments_last_numbers_stay_until_the_next_starts() -> None:
+    registry = CollectorRegistry()
+    metrics = ExperimentMetrics(registry)
+    numbers = {"variants": {"cand": {"p_value": 0.01}}, "outcomes": {"control": {"positive_rate": 0.5}}}
+    metrics.observe_evaluation("exp1", numbers)
+    metrics.weight.labels("exp1", "cand", "v1").set(50)
+    metrics.on_experiment(None)  # exp1 ended: why it ended stays visible, its weights go
+    values = samples(generate_latest(registry).decode())
+    assert values[("loopchat_experiment_p_value", (("experiment", "exp1"), ("variant", "cand")))] == 0.01
+    assert not any(name == "loopchat_experiment_weight_percent" for name, _ in values)
+    metrics.on_experiment("exp2")
+    values = samples(generate_latest(registry).decode())
+    assert not any(dict(labels).get("experiment") == "exp1" for _, labels in values)
