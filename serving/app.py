@@ -30,7 +30,7 @@ from monitoring.metrics import (
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
-from serving.errors import install_error_handlers
+from serving.errors import BodySizeLimit, install_error_handlers
 from serving.experiments import ExperimentService
 from serving.router import ABRouter
 from serving.routes import admin, chat, experiments, health, models, ui
@@ -178,6 +178,7 @@ def create_app(
             log=app.state.feedback,
             sampled_logprobs=settings.engine.sampled_logprobs,
             router=router,
+            limits=settings.limits,
         )
         app.state.engine_error = None
         app.state.exit_on_engine_failure = exit_on_engine_failure
@@ -214,6 +215,7 @@ def create_app(
     app.add_route("/metrics", endpoint, include_in_schema=False)
     app.mount("/metrics", endpoint)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(chat.router)

@@ -19,7 +19,7 @@ from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
 from serving.engine.base import ChatEngine, InvalidPromptError, SamplingOptions
 from serving.errors import APIError, bad_request
 from serving.protocol import ChatCompletionRequest
-from serving.settings import ALIAS_MODEL
+from serving.settings import ALIAS_MODEL, LimitsSettings
 
 if TYPE_CHECKING:
     from monitoring.metrics import ServingMetrics
@@ -98,7 +98,9 @@ class ChatService:
         log: CompletionLog | None = None,
         sampled_logprobs: bool = True,
         router: ABRouter | None = None,
+        limits: LimitsSettings | None = None,
     ) -> None:
+        self._limits = limits or LimitsSettings()
         self._engine = engine
         self._adapters = adapters
         self._router = router
@@ -156,6 +158,7 @@ class ChatService:
             ) from None
 
         messages = [{"role": m.template_role(), "content": m.text()} for m in request.messages]
+        self._check_limits(request, messages)
         try:
             prompt_ids = self._engine.render_chat(messages)
         except InvalidPromptError as exc:
@@ -180,7 +183,11 @@ class ChatService:
                 param=param,
                 code="context_length_exceeded",
             )
-        max_tokens = requested if requested is not None else context - prompt_len
+        max_tokens = (
+            requested
+            if requested is not None
+            else min(context - prompt_len, self._limits.max_completion_tokens)
+        )
         options = SamplingOptions(
             max_tokens=max_tokens,
             temperature=request.temperature,
@@ -205,6 +212,30 @@ class ChatService:
             experiment=route.experiment if route is not None else "",
             variant=route.variant if route is not None else "",
         )
+
+    def _check_limits(self, request: ChatCompletionRequest, messages: list[dict[str, str]]) -> None:
+        limits = self._limits
+        if len(messages) > limits.max_messages:
+            raise bad_request(
+                f"at most {limits.max_messages} messages per request, got {len(messages)}",
+                param="messages",
+                code="too_many_messages",
+            )
+        for index, message in enumerate(messages):
+            if len(message["content"]) > limits.max_message_chars:
+                raise bad_request(
+                    f"messages[{index}] is longer than {limits.max_message_chars} characters",
+                    param=f"messages[{index}].content",
+                    code="string_too_long",
+                )
+        requested = request.requested_max_tokens
+        if requested is not None and requested > limits.max_completion_tokens:
+            param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+            raise bad_request(
+                f"{param} is {requested}; this server allows at most {limits.max_completion_tokens}",
+                param=param,
+                code="max_tokens_too_large",
+            )
 
     async def _run(self, chat: PreparedChat, result: CompletionResult) -> AsyncIterator[str]:
         """Engine output as text deltas, filling `result` as it goes."""

@@ -57,6 +57,52 @@ class APIError(Exception):
         )
 
 
+class BodySizeLimit:
+    """Refuses a request body over `max_bytes` with 413, by its Content-Length, or for a body
+    without one (chunked) once the bytes read pass the cap; nothing of it is parsed or stored."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+            else:  # the server holds the client to its Content-Length
+                await self.app(scope, receive, send)
+            return
+        # No length given: read up to the cap first, then hand the body on.
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+        handed = False
+
+        async def replay():
+            nonlocal handed
+            if handed:
+                return await receive()
+            handed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        error = APIError(413, f"request body is larger than {self.max_bytes} bytes", code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 

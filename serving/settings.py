@@ -121,6 +121,20 @@ class RetrainSettings(BaseSettings):
     check_interval_s: float = Field(600, gt=0, description="How often the schedule is checked.")
 
 
+class LimitsSettings(BaseSettings):
+    """Caps on what one request may ask for; refused with 400 (413 for the body) before the engine
+    sees anything."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request.")
+    max_message_chars: int = Field(65_536, ge=1, description="Longest message (characters).")
+    max_completion_tokens: int = Field(
+        4096, ge=1, description="Most tokens one completion may ask for (max_tokens); also the default."
+    )
+
+
 class MonitoringSettings(BaseSettings):
     """Prometheus metrics."""
 
@@ -180,6 +194,7 @@ class Settings(BaseSettings):
     ab: ABSettings = Field(default_factory=ABSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
     @classmethod
     def settings_customise_sources(

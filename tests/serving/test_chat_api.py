@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.app import create_app
+from serving.settings import LimitsSettings
 from tests.conftest import wait_ready
 from tests.utils.fake_engine import FakeEngine
 
@@ -304,3 +305,59 @@ def test_ready_app_with_fresh_client(settings, fake_engine) -> None:
         with TestClient(create_app(settings, engine=FakeEngine(), exit_on_engine_failure=False)) as c:
             wait_ready(c)
             assert c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1}).status_code == 200
+
+
+@pytest.fixture
+def capped(settings, fake_engine):
+    limits = LimitsSettings(
+        max_body_bytes=2048, max_messages=3, max_message_chars=50, max_completion_tokens=8
+    )
+    app = create_app(
+        settings.model_copy(update={"limits": limits}), engine=fake_engine, exit_on_engine_failure=False
+    )
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"messages": USER * 4}, "messages", "too_many_messages"),
+        ({"messages": [{"role": "user", "content": "x" * 51}]}, "messages[0].content", "string_too_long"),
+        ({"messages": USER, "max_tokens": 9}, "max_tokens", "max_tokens_too_large"),
+        ({"messages": USER, "max_completion_tokens": 9}, "max_completion_tokens", "max_tokens_too_large"),
+    ],
+)
+def test_request_caps_are_refused_before_the_engine(
+    capped: TestClient, fake_engine, body, param, code
+) -> None:
+    response = capped.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert fake_engine.requests == []
+
+
+def test_default_max_tokens_is_the_cap(capped: TestClient, fake_engine) -> None:
+    body = {"messages": USER, "ignore_eos": True}
+    assert capped.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"] == 8
+
+
+def test_oversized_bodies_get_413(capped: TestClient, fake_engine) -> None:
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]})
+    declared = capped.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413
+    assert declared.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the cap applies to the bytes read
+        for _ in range(10):
+            yield b" " * 300
+
+    chunked = capped.post("/v1/feedback", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "invalid_request_error"
+    small = json.dumps({"messages": USER, "max_tokens": 2}).encode()
+    ok = capped.post("/v1/chat/completions", content=iter([small[:10], small[10:]]),
+                     headers={"content-type": "application/json"})  # fmt: skip
+    assert ok.status_code == 200, ok.text
+    assert len(fake_engine.requests) == 1
