@@ -71,6 +71,8 @@ class Completion(SQLModel, table=True):
     logprob_min: float | None = None
     error: str | None = Field(default=None, sa_type=String(1024))
     redacted: bool = False
+    # The API key's site that asked (None: no key, development mode); ratings stay within it.
+    site: str | None = Field(default=None, max_length=64, index=True)
 
 
 class Rating(SQLModel, table=True):
@@ -263,3 +265,27 @@ class RetrainLock(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     owner: str | None = Field(default=None, max_length=128)
     expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class ApiKey(SQLModel, table=True):
+    """A client's key: stored as a SHA-256 hash, shown once at creation.
+
+    Keys belong to a site; a site's conversations are rated only with its keys. A secret key
+    calls every /v1 route from a server; a public key goes into a web page (the rating widget):
+    it may only rate, only the site's completions, from the listed origins.
+    """
+
+    __tablename__ = "api_key"
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=128)
+    site: str = Field(max_length=64, index=True)
+    kind: str = Field(default="secret", max_length=8)  # secret, public
+    prefix: str = Field(max_length=16)
+    hash: str = Field(max_length=64, unique=True)
+    origins: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # None: the service's defaults (limits.key_requests_per_minute, limits.key_max_concurrent).
+    requests_per_minute: int | None = None
+    max_concurrent: int | None = None
+    created_at: datetime = _timestamp()
+    revoked_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))

@@ -42,6 +42,7 @@ class CompletionRef:
     prompt_hash: str
     model_version: str = ""
     variant: str = ""
+    site: str | None = None
 
 
 class RecentCompletions:
@@ -139,13 +140,18 @@ class FeedbackService:
                 "logprob_min": minimum,
                 "error": result.error,
                 "redacted": False,
+                "site": chat.site,
             }
         )
-        self.recent.add(chat.completion_id, CompletionRef(user_key, hashed, chat.version.name, chat.variant))
+        self.recent.add(
+            chat.completion_id, CompletionRef(user_key, hashed, chat.version.name, chat.variant, chat.site)
+        )
 
     # -- ratings -------------------------------------------------------------------------------
 
-    async def rate(self, request: FeedbackRequest) -> tuple[FeedbackResponse, CompletionRef]:
+    async def rate(
+        self, request: FeedbackRequest, *, site: str | None = None
+    ) -> tuple[FeedbackResponse, CompletionRef]:
         """Store the rating; returns it with what it rated."""
         caps = self._settings
         _check_length(request.comment, caps.max_comment_chars, "comment")
@@ -153,7 +159,7 @@ class FeedbackService:
         if len(request.tags) > caps.max_tags:
             raise bad_request(f"at most {caps.max_tags} tags", param="tags")
         user_key = request.user or ANONYMOUS
-        rated = await self._owned(request.completion_id, user_key, "completion_id")
+        rated = await self._owned(request.completion_id, user_key, "completion_id", site)
         now = time.time()
         await self._store(
             {
@@ -181,12 +187,14 @@ class FeedbackService:
         )
         return response, rated
 
-    async def prefer(self, request: PreferenceRequest) -> tuple[PreferenceResponse, CompletionRef]:
+    async def prefer(
+        self, request: PreferenceRequest, *, site: str | None = None
+    ) -> tuple[PreferenceResponse, CompletionRef]:
         """Store the choice; returns it with the chosen completion."""
         _check_length(request.comment, self._settings.max_comment_chars, "comment")
         user_key = request.user or ANONYMOUS
-        chosen = await self._owned(request.chosen_completion_id, user_key, "chosen_completion_id")
-        rejected = await self._owned(request.rejected_completion_id, user_key, "rejected_completion_id")
+        chosen = await self._owned(request.chosen_completion_id, user_key, "chosen_completion_id", site)
+        rejected = await self._owned(request.rejected_completion_id, user_key, "rejected_completion_id", site)
         if chosen.prompt_hash != rejected.prompt_hash:
             raise bad_request("the two completions answer different prompts", param="rejected_completion_id")
         now = time.time()
@@ -209,13 +217,14 @@ class FeedbackService:
         )
         return response, chosen
 
-    async def _owned(self, completion_id: str, user_key: str, param: str) -> CompletionRef:
-        """The completion, if the rater may rate it; else 404 (someone else's looks unknown)."""
+    async def _owned(self, completion_id: str, user_key: str, param: str, site: str | None) -> CompletionRef:
+        """The completion, if the rater may rate it; else 404 (someone else's looks unknown):
+        the same site (API key), and the same user unless the completion was anonymous."""
         ref = self.recent.get(completion_id)
         if ref is None:
             ref = await run_in_threadpool(self._lookup, completion_id)
         # Anonymous completions can be rated by whoever holds their (unguessable) id.
-        if ref is None or (ref.user_key != ANONYMOUS and ref.user_key != user_key):
+        if ref is None or ref.site != site or (ref.user_key != ANONYMOUS and ref.user_key != user_key):
             raise APIError(404, f"No completion `{completion_id}`.", param=param, code="completion_not_found")
         return ref
 
@@ -228,6 +237,7 @@ class FeedbackService:
                         Completion.prompt_hash,
                         Completion.model_version,
                         Completion.variant,
+                        Completion.site,
                     ).where(Completion.id == completion_id)
                 ).first()
         except OperationalError as exc:

@@ -27,6 +27,7 @@ from monitoring.metrics import (
     mark_process_dead,
     multiprocess_dir,
 )
+from serving.access import AccessMiddleware, KeyOriginsCORS, KeyStore
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
@@ -154,7 +155,9 @@ def create_app(
         app.state.database = database
         serving_metrics.watch_engine(app.state.engine, live)
         monitoring = settings.monitoring
+        app.state.keys = KeyStore(database, ttl=settings.access.key_cache_s)
         app.state.background = [
+            asyncio.create_task(app.state.keys.run(), name="key-origins"),
             asyncio.create_task(_sample_live_gauges(live, monitoring.sample_interval_s), name="live-gauges"),
             asyncio.create_task(
                 LoopMetrics(registry).run(database, monitoring.database_refresh_s), name="loop-metrics"
@@ -207,6 +210,12 @@ def create_app(
     registry = CollectorRegistry()
     live = LiveGauges()
     serving_metrics = ServingMetrics(registry)
+    # Middleware, innermost first: keys and limits on /v1, the HTTP metrics (which see the 401s
+    # and 429s), the body cap, CORS for the sites with public keys.
+    store_of = lambda: getattr(app.state, "keys", None)  # noqa: E731 - created at start-up
+    app.add_middleware(
+        AccessMiddleware, settings=settings.access, required=settings.keys_required, store_of=store_of
+    )
     # Route templates, status codes and the answering version/variant of every HTTP request.
     Instrumentator(should_group_status_codes=False, excluded_handlers=["^/metrics"], registry=registry).add(
         serving_metrics.observe_http
@@ -216,6 +225,7 @@ def create_app(
     app.mount("/metrics", endpoint)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(KeyOriginsCORS, settings=settings.access, store_of=store_of)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(chat.router)

@@ -45,6 +45,8 @@ class PreparedChat:
     experiment: str = ""
     variant: str = ""
     pair_id: str | None = None
+    # The API key's site: only its keys may rate this completion.
+    site: str | None = None
 
     def sampling(self) -> dict[str, Any]:
         """The sampling parameters as recorded with the completion."""

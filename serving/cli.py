@@ -10,6 +10,7 @@ import typer
 
 from retrain.cli import demo, retrain, runs_app
 from serving.cli_common import database, fail, setup_logging
+from serving.cli_keys import keys_app
 from serving.cli_registry import ab_app, adapters_app
 
 app = typer.Typer(help="loopchat: chat serving with a feedback loop.", no_args_is_help=True)
@@ -19,6 +20,7 @@ db_app = typer.Typer(help="The conversation and feedback database.", no_args_is_
 app.add_typer(db_app, name="db")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(ab_app, name="ab")
+app.add_typer(keys_app, name="keys")
 app.add_typer(runs_app, name="runs")
 app.command("retrain")(retrain)
 app.command("demo")(demo)

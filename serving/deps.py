@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from feedback.service import FeedbackService
 from monitoring.metrics import ExperimentMetrics, FeedbackMetrics
+from serving.access import ANONYMOUS, Principal
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
@@ -45,6 +46,11 @@ async def require_ready(request: Request) -> None:
             code="engine_not_ready",
             headers={"Retry-After": "5"},
         )
+
+
+async def get_principal(request: Request) -> Principal:
+    """The API key's holder (AccessMiddleware), or nobody in particular in development mode."""
+    return getattr(request.state, "principal", ANONYMOUS)
 
 
 async def get_adapters(request: Request) -> AdapterSet:
@@ -99,6 +105,7 @@ async def require_admin(
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[ChatEngine, Depends(get_engine)]
 AdaptersDep = Annotated[AdapterSet, Depends(get_adapters)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
 FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
 FeedbackMetricsDep = Annotated[FeedbackMetrics, Depends(get_feedback_metrics)]

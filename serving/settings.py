@@ -121,6 +121,29 @@ class RetrainSettings(BaseSettings):
     check_interval_s: float = Field(600, gt=0, description="How often the schedule is checked.")
 
 
+class AccessSettings(BaseSettings):
+    """API keys on the /v1 routes (`loopchat keys create|list|revoke`)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    require_keys: bool | None = Field(
+        None, description="Refuse /v1 requests without a key. None: required outside development."
+    )
+    key_requests_per_minute: int = Field(
+        600, ge=1, description="A key's request rate unless it sets its own."
+    )
+    key_max_concurrent: int = Field(
+        64, ge=1, description="A key's requests in flight unless it sets its own."
+    )
+    key_cache_s: float = Field(
+        30.0, gt=0, description="How long a key lookup is cached: a revocation takes effect within it."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins allowed to call the API from a browser, besides those of public keys.",
+    )
+
+
 class LimitsSettings(BaseSettings):
     """Caps on what one request may ask for; refused with 400 (413 for the body) before the engine
     sees anything."""
@@ -195,6 +218,7 @@ class Settings(BaseSettings):
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    access: AccessSettings = Field(default_factory=AccessSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -228,6 +252,12 @@ class Settings(BaseSettings):
                     "set a real secret outside development"
                 )
         return self
+
+    @property
+    def keys_required(self) -> bool:
+        if self.access.require_keys is not None:
+            return self.access.require_keys
+        return self.environment != "development"
 
     @property
     def model_path(self) -> Path:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serving.chat import ChatService, CompletionResult, PreparedChat
-from serving.deps import ChatServiceDep, ReadyDep
+from serving.deps import ChatServiceDep, PrincipalDep, ReadyDep
 from serving.errors import APIError
 from serving.protocol import (
     ChatCompareRequest,
@@ -48,9 +48,12 @@ def _headers(chat: PreparedChat) -> dict[str, str]:
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
     dependencies=[ReadyDep],
 )
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat_service: ChatServiceDep):
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, chat_service: ChatServiceDep, principal: PrincipalDep
+):
     """OpenAI-compatible chat completion; `model` may be the base, an adapter or `loopchat`."""
     chat = await chat_service.prepare_routed(body)
+    chat.site = principal.site
     if body.stream:
         return StreamingResponse(
             _sse(chat_service, chat),
@@ -62,7 +65,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 
 
 @router.post("/chat/compare", response_model=ChatComparison, responses=_ERRORS, dependencies=[ReadyDep])
-async def compare_chat_completions(body: ChatCompareRequest, request: Request, chat_service: ChatServiceDep):
+async def compare_chat_completions(
+    body: ChatCompareRequest, request: Request, chat_service: ChatServiceDep, principal: PrincipalDep
+):
     """Two answers to one prompt, from two model versions, for a side-by-side choice.
 
     Both are logged with one pair id; the order is shuffled so position says nothing about
@@ -74,6 +79,7 @@ async def compare_chat_completions(body: ChatCompareRequest, request: Request, c
     for chat in chats:
         chat.conversation_id = chats[0].conversation_id
         chat.pair_id = pair_id
+        chat.site = principal.site
     random.shuffle(chats)
     done = await _unless_disconnected(request, asyncio.gather(*(chat_service.complete(c) for c in chats)))
     return JSONResponse(

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from feedback.protocol import FeedbackRequest, FeedbackResponse, PreferenceRequest, PreferenceResponse
 from monitoring.metrics import NO_VARIANT
-from serving.deps import FeedbackDep, FeedbackMetricsDep
+from serving.deps import FeedbackDep, FeedbackMetricsDep, PrincipalDep
 from serving.protocol import ErrorResponse
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
@@ -15,9 +15,12 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 503)}
 
 
 @router.post("", response_model=FeedbackResponse, responses=_ERRORS)
-async def rate_completion(body: FeedbackRequest, service: FeedbackDep, metrics: FeedbackMetricsDep):
-    """Rate one completion; posting again replaces this user's current rating (history is kept)."""
-    stored, rated = await service.rate(body)
+async def rate_completion(
+    body: FeedbackRequest, service: FeedbackDep, metrics: FeedbackMetricsDep, principal: PrincipalDep
+):
+    """Rate one completion; posting again replaces this user's current rating (history is kept).
+    Only completions of the key's site, and of this user (or anonymous ones), can be rated."""
+    stored, rated = await service.rate(body, site=principal.site)
     version, variant = rated.model_version, rated.variant or NO_VARIANT
     for kind, given in (
         (body.rating, body.rating is not None),
@@ -33,8 +36,10 @@ async def rate_completion(body: FeedbackRequest, service: FeedbackDep, metrics: 
 
 
 @router.post("/preference", response_model=PreferenceResponse, responses=_ERRORS)
-async def prefer_completion(body: PreferenceRequest, service: FeedbackDep, metrics: FeedbackMetricsDep):
+async def prefer_completion(
+    body: PreferenceRequest, service: FeedbackDep, metrics: FeedbackMetricsDep, principal: PrincipalDep
+):
     """Say which of two answers to the same prompt is better (side-by-side)."""
-    stored, chosen = await service.prefer(body)
+    stored, chosen = await service.prefer(body, site=principal.site)
     metrics.ratings.labels("preference", chosen.model_version, chosen.variant or NO_VARIANT).inc()
     return stored
