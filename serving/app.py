@@ -31,7 +31,7 @@ from serving.access import AccessMiddleware, KeyOriginsCORS, KeyStore
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
-from serving.errors import BodySizeLimit, install_error_handlers
+from serving.errors import BodySizeLimit, document_errors, install_error_handlers
 from serving.experiments import ExperimentService
 from serving.router import ABRouter
 from serving.routes import admin, chat, experiments, health, models, ui
@@ -50,10 +50,25 @@ async def _start_engine(app: FastAPI) -> None:
         await _start_registry(app)
     except Exception as exc:
         logger.exception("engine start failed")
-        state.engine_error = f"{type(exc).__name__}: {exc}"
-        if state.exit_on_engine_failure:
-            # Let the supervisor (systemd, Kubernetes) restart the process.
-            os.kill(os.getpid(), signal.SIGTERM)
+        _engine_failed(app, f"{type(exc).__name__}: {exc}")
+        return
+    state.background.append(asyncio.create_task(_watch_engine(app), name="engine-watchdog"))
+
+
+def _engine_failed(app: FastAPI, reason: str) -> None:
+    """/readyz reports the failure; the process exits (status 3) so that its supervisor
+    (Kubernetes, systemd, compose) starts a fresh one. Streams in flight get the drain timeout."""
+    app.state.engine_error = reason
+    if app.state.exit_on_engine_failure:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _watch_engine(app: FastAPI, interval: float = 1.0) -> None:
+    """An engine that dies after start (its process killed, a device lost) stops the service."""
+    while app.state.engine.ready:
+        await asyncio.sleep(interval)
+    logger.error("the engine stopped serving; shutting down for a restart")
+    _engine_failed(app, "the engine stopped serving after start")
 
 
 async def _start_registry(app: FastAPI) -> None:
@@ -224,6 +239,7 @@ def create_app(
     app.add_route("/metrics", endpoint, include_in_schema=False)
     app.mount("/metrics", endpoint)
     install_error_handlers(app)
+    document_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(KeyOriginsCORS, settings=settings.access, store_of=store_of)
     app.include_router(health.router)

@@ -51,7 +51,10 @@ def serve(
     options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
                "timeout_graceful_shutdown": 30}  # fmt: skip
     if workers == 1:
-        uvicorn.run(create_app(settings), **options)
+        app = create_app(settings)
+        uvicorn.run(app, **options)
+        if getattr(app.state, "engine_error", None):
+            raise typer.Exit(3)  # for supervisors that restart only a failed process
         return
     # Workers are fresh processes: they read the settings (and these overrides) from the
     # environment, and share metric values through files in PROMETHEUS_MULTIPROC_DIR, which

@@ -120,6 +120,17 @@ class LiveServer:
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM to the server's process group (SIGKILL after `timeout`); its exit status."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics/", timeout=10).text
         for line in text.splitlines():
@@ -128,24 +139,22 @@ class LiveServer:
         raise KeyError(name)
 
 
-@pytest.fixture(scope="session")
-def live_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """`loopchat serve` on the embedded model, started once per test session (it takes ~40 s)."""
+def start_server(workdir: Path, base_model: Path, **settings: str) -> LiveServer:
+    """`loopchat serve` on the embedded model in its own session (its engine processes too),
+    with its own SQLite database; `settings` are extra LOOPCHAT_* variables."""
     port = free_port()
     token = secrets.token_urlsafe(24)
-    workdir = tmp_path_factory.mktemp("live-server")
     log = workdir / "server.log"
     database_url = f"sqlite:///{workdir / 'loopchat.db'}"
     env = {
         **os.environ,
         "LOOPCHAT_DATA_DIR": str(data_dir()),
-        "LOOPCHAT_BASE_MODEL": str(base_model_path),
+        "LOOPCHAT_BASE_MODEL": str(base_model),
         "LOOPCHAT_ADMIN_TOKEN": token,
         "LOOPCHAT_ENGINE__MAX_MODEL_LEN": "2048",
         "LOOPCHAT_ENGINE__MAX_LORA_RANK": "16",
         "LOOPCHAT_DATABASE_URL": database_url,
-        # Retraining runs and A/B decisions reach /metrics within 2 s (tests/test_loop.py).
-        "LOOPCHAT_MONITORING__DATABASE_REFRESH_S": "2",
+        **settings,
     }
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -156,15 +165,23 @@ def live_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory)
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
+    server = LiveServer(f"http://127.0.0.1:{port}", token, process, log, database_url)
     try:
-        wait_for_ready(process, f"{url}/readyz", log, timeout=400)
-        yield LiveServer(url, token, process, log, database_url)
+        wait_for_ready(process, f"{server.url}/readyz", log, timeout=400)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def live_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """`loopchat serve` on the embedded model, started once per test session (it takes ~40 s)."""
+    # Retraining runs and A/B decisions reach /metrics within 2 s (tests/test_loop.py).
+    server = start_server(
+        tmp_path_factory.mktemp("live-server"), base_model_path, LOOPCHAT_MONITORING__DATABASE_REFRESH_S="2"
+    )
+    try:
+        yield server
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        server.stop()

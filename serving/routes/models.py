@@ -6,7 +6,7 @@ from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
 from serving.deps import AdaptersDep, EngineDep
 from serving.engine.base import ChatEngine
 from serving.errors import APIError
-from serving.protocol import ModelCard, ModelList
+from serving.protocol import ErrorResponse, ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -27,7 +27,7 @@ async def list_models(adapters: AdaptersDep, engine: EngineDep) -> ModelList:
     return ModelList(data=[_card(v, adapters, engine) for v in adapters.versions()])
 
 
-@router.get("/models/{model:path}", response_model=ModelCard)
+@router.get("/models/{model:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
 async def get_model(model: str, adapters: AdaptersDep, engine: EngineDep) -> ModelCard:
     try:
         return _card(adapters.resolve(model), adapters, engine)

@@ -280,3 +280,16 @@ def test_feedback_metrics(db_client: TestClient):
     assert 'loopchat_feedback_stars_bucket{le="4.0",model_version="fake-base"} 1.0' in text
     assert "loopchat_feedback_database_up 1.0" in text
     assert "loopchat_feedback_spool_records 0.0" in text
+
+
+def test_markup_in_a_comment_is_stored_and_returned_as_text(db_client: TestClient, db_settings: Settings):
+    """Nothing is stripped or escaped on the way in (it is data); everything that shows it
+    (the widget, the demo page) puts it in through textContent (tests/feedback/test_widget_e2e.py)."""
+    hostile = '<script>alert(1)</script><img src=x onerror="alert(2)">'
+    completion = chat(db_client)["id"]
+    stored = rate(db_client, completion_id=completion, rating="down", comment=hostile, correction=hostile,
+                  user="alice")  # fmt: skip
+    assert stored.status_code == 200 and stored.headers["content-type"] == "application/json"
+    assert stored.json()["comment"] == hostile
+    rows = wait_for_rows(db_settings.db_url, "SELECT comment, correction FROM rating", 1)
+    assert (rows[0]["comment"], rows[0]["correction"]) == (hostile, hostile)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -361,3 +362,17 @@ def test_oversized_bodies_get_413(capped: TestClient, fake_engine) -> None:
                      headers={"content-type": "application/json"})  # fmt: skip
     assert ok.status_code == 200, ok.text
     assert len(fake_engine.requests) == 1
+
+
+def test_an_engine_that_dies_after_start_turns_readiness_off(settings) -> None:
+    engine = FakeEngine()
+    with TestClient(create_app(settings, engine=engine, exit_on_engine_failure=False)) as client:
+        wait_ready(client)
+        engine.crash()
+        deadline = time.monotonic() + 5
+        while client.get("/readyz").json()["status"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "stopped serving" in ready.json()["detail"]
+        chat = client.post("/v1/chat/completions", json={"messages": USER})
+        assert chat.status_code == 503 and chat.json()["error"]["code"] == "engine_not_ready"

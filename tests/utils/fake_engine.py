@@ -61,6 +61,10 @@ class FakeEngine:
     async def shutdown(self) -> None:
         self._ready = False
 
+    def crash(self) -> None:
+        """The engine dies after start (as vLLM's engine core killed or a device lost)."""
+        self._ready = False
+
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not self._ready:
             raise EngineNotReady("not ready")
