@@ -60,7 +60,11 @@ def _engine_failed(app: FastAPI, reason: str) -> None:
     (Kubernetes, systemd, compose) starts a fresh one. Streams in flight get the drain timeout."""
     app.state.engine_error = reason
     if app.state.exit_on_engine_failure:
-        os.kill(os.getpid(), signal.SIGTERM)
+        shutdown = getattr(app.state, "request_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        else:  # under another server (uvicorn workers, gunicorn): its SIGTERM handling
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _watch_engine(app: FastAPI, interval: float = 1.0) -> None:

@@ -52,9 +52,12 @@ def serve(
                "timeout_graceful_shutdown": 30}  # fmt: skip
     if workers == 1:
         app = create_app(settings)
-        uvicorn.run(app, **options)
+        server = uvicorn.Server(uvicorn.Config(app, **options))
+        # An engine failure stops the server like SIGTERM does (draining), then exits with 3.
+        app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
+        server.run()
         if getattr(app.state, "engine_error", None):
-            raise typer.Exit(3)  # for supervisors that restart only a failed process
+            raise typer.Exit(3)  # supervisors that restart only failed processes see a failure
         return
     # Workers are fresh processes: they read the settings (and these overrides) from the
     # environment, and share metric values through files in PROMETHEUS_MULTIPROC_DIR, which

@@ -22,6 +22,8 @@ async def readyz(request: Request) -> JSONResponse:
     if serving_ready(state):
         return JSONResponse({"status": "ready", "model": state.engine.model_name})
     error = getattr(state, "engine_error", None)
+    if error is None and getattr(state, "registry_synced", False):
+        error = "the engine stopped serving"  # it was ready once: not loading any more
     return JSONResponse(
         {"status": "failed" if error else "loading", "detail": error},
         status_code=503,

@@ -46,7 +46,8 @@ def test_sigterm_drains_a_stream_in_flight(base_model_path: Path, tmp_path: Path
             json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1] if json.loads(e)["choices"]
         ]
         assert finish[-1] == "length"
-        assert server.process.wait(60) == 0
+        # uvicorn ends by re-raising the signal it drained on, as a supervisor expects.
+        assert server.process.wait(60) in (0, -signal.SIGTERM)
         assert time.monotonic() - started < 45  # within the 30 s drain plus engine shutdown
         row = wait_for_rows(server.database_url, "SELECT finish_reason, completion_tokens FROM completion", 1)
         assert (row[0]["finish_reason"], row[0]["completion_tokens"]) == ("length", 96)
