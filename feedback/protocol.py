@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
@@ -52,6 +52,27 @@ class FeedbackResponse(BaseModel):
     correction: str | None
     tags: list[str]
     created: int
+
+
+class ConversationTurn(BaseModel):
+    """One logged answer of a conversation, with the reader's rating of it."""
+
+    id: str
+    created: int
+    model: str
+    messages: list[dict[str, Any]]
+    response: str
+    finish_reason: str | None
+    rating: Literal["up", "down"] | None = None
+    score: int | None = None
+    comment: str | None = None
+    correction: str | None = None
+
+
+class Conversation(BaseModel):
+    object: Literal["conversation"] = "conversation"
+    id: str
+    completions: list[ConversationTurn]
 
 
 class PreferenceRequest(_Strict):

@@ -19,11 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from feedback.log import FeedbackWriter, QueueFullError, RecordRejectedError
-from feedback.models import ANONYMOUS, Completion
-from feedback.protocol import FeedbackRequest, FeedbackResponse, PreferenceRequest, PreferenceResponse
+from feedback.models import ANONYMOUS, Completion, Rating
+from feedback.protocol import (
+    Conversation,
+    ConversationTurn,
+    FeedbackRequest,
+    FeedbackResponse,
+    PreferenceRequest,
+    PreferenceResponse,
+)
 from serving.errors import APIError, bad_request
 from serving.settings import FeedbackSettings
 
@@ -247,6 +255,52 @@ class FeedbackService:
             logger.exception("completion lookup failed")
             raise _unavailable() from None
         return None if row is None else CompletionRef(*row)
+
+    async def conversation(self, conversation_id: str, *, site: str | None, user_key: str) -> Conversation:
+        """The conversation's answers this reader may see: the key's site, and the user's own
+        (or anonymous) completions; 404 when there are none, as for an unknown id."""
+        turns = await run_in_threadpool(self._read_conversation, conversation_id, site, user_key)
+        if not turns:
+            raise APIError(
+                404,
+                f"No conversation `{conversation_id}`.",
+                param="conversation_id",
+                code="conversation_not_found",
+            )
+        return Conversation(id=conversation_id, completions=turns)
+
+    def _read_conversation(
+        self, conversation_id: str, site: str | None, user_key: str
+    ) -> list[ConversationTurn]:
+        same_site = Completion.site.is_(None) if site is None else Completion.site == site
+        query = (
+            select(Completion, Rating)
+            .outerjoin(Rating, (Rating.completion_id == Completion.id) & (Rating.user_key == user_key))
+            .where(Completion.conversation_id == conversation_id, same_site)
+            .where(Completion.user_key.in_((user_key, ANONYMOUS)))
+            .order_by(Completion.created_at)
+        )
+        try:
+            with Session(self._engine) as session:
+                rows = session.exec(query).all()
+        except SQLAlchemyError as exc:
+            logger.warning("conversation read failed: %s", exc.__class__.__name__)
+            raise _unavailable() from None
+        return [
+            ConversationTurn(
+                id=c.id,
+                created=int(c.created_at.timestamp()),
+                model=c.model_version,
+                messages=c.messages,
+                response=c.response,
+                finish_reason=c.finish_reason,
+                rating=r.thumb if r else None,
+                score=r.score if r else None,
+                comment=r.comment if r else None,
+                correction=r.correction if r else None,
+            )  # fmt: skip
+            for c, r in rows
+        ]
 
     def first_answer(self, conversation_id: str) -> tuple[str, str, str] | None:
         """(model version, experiment, variant) of a conversation's first logged answer."""

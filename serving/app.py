@@ -250,6 +250,7 @@ def create_app(
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(feedback_routes.router)
+    app.include_router(feedback_routes.conversations)
     app.include_router(ui.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)

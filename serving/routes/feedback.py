@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from feedback.protocol import FeedbackRequest, FeedbackResponse, PreferenceRequest, PreferenceResponse
+from fastapi import APIRouter, Query
+
+from feedback.models import ANONYMOUS
+from feedback.protocol import (
+    Conversation,
+    FeedbackRequest,
+    FeedbackResponse,
+    PreferenceRequest,
+    PreferenceResponse,
+)
 from monitoring.metrics import NO_VARIANT
 from serving.deps import FeedbackDep, FeedbackMetricsDep, PrincipalDep
 from serving.protocol import ErrorResponse
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
+conversations = APIRouter(prefix="/v1/conversations", tags=["feedback"])
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 503)}
 
@@ -33,6 +43,20 @@ async def rate_completion(
     if body.score is not None:
         metrics.stars.labels(version).observe(body.score)
     return stored
+
+
+@conversations.get("/{conversation_id}", response_model=Conversation, responses=_ERRORS)
+async def read_conversation(
+    conversation_id: str,
+    service: FeedbackDep,
+    principal: PrincipalDep,
+    user: Annotated[
+        str | None, Query(max_length=256, description="The end user whose answers to show.")
+    ] = None,
+) -> Conversation:
+    """A conversation's logged answers, each with this user's rating: only the key's site, and
+    only the user's own (or anonymous) answers."""
+    return await service.conversation(conversation_id, site=principal.site, user_key=user or ANONYMOUS)
 
 
 @router.post("/preference", response_model=PreferenceResponse, responses=_ERRORS)

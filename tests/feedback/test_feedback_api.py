@@ -293,3 +293,43 @@ def test_markup_in_a_comment_is_stored_and_returned_as_text(db_client: TestClien
     assert stored.json()["comment"] == hostile
     rows = wait_for_rows(db_settings.db_url, "SELECT comment, correction FROM rating", 1)
     assert (rows[0]["comment"], rows[0]["correction"]) == (hostile, hostile)
+
+
+def test_chat_and_ratings_go_on_while_the_database_is_down(settings: Settings, fake_engine, tmp_path):
+    """The app on PostgreSQL behind a proxy that is cut mid-run: chats and ratings keep being
+    answered (records wait in the spool), and once the database is back every one is a row."""
+    from sqlalchemy.engine import make_url
+
+    from serving.app import create_app
+    from serving.settings import FeedbackSettings
+    from tests.conftest import wait_ready
+    from tests.utils.db import postgres_schema_url, skip_or_fail_without_postgres
+    from tests.utils.tcp_proxy import TCPProxy
+
+    skip_or_fail_without_postgres()
+    url, drop = postgres_schema_url()
+    parsed = make_url(url)
+    proxy = TCPProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+    proxied = parsed.set(host="127.0.0.1", port=proxy.port).update_query_dict({"connect_timeout": "2"})
+    app_settings = settings.model_copy(update={
+        "database_url": proxied.render_as_string(hide_password=False),
+        "feedback": FeedbackSettings(retry_interval_s=0.5),
+    })  # fmt: skip
+    try:
+        with TestClient(create_app(app_settings, engine=fake_engine, exit_on_engine_failure=False)) as client:
+            wait_ready(client)
+            before = [chat(client, user=f"u{i}")["id"] for i in range(5)]
+            proxy.cut()
+            during = [chat(client, user=f"v{i}")["id"] for i in range(20)]
+            for i, completion in enumerate(during):
+                rated = rate(client, completion_id=completion, rating="up", user=f"v{i}")
+                assert rated.status_code == 200, rated.text  # acknowledged from the spool
+            assert client.get("/metrics").text.count("loopchat_feedback_database_up 0.0") == 1
+            proxy.restore()
+            rows = wait_for_rows(url, "SELECT id FROM completion", 25, timeout=60)
+            ratings = wait_for_rows(url, "SELECT id FROM rating_event", 20, timeout=60)
+        assert {r["id"] for r in rows} == set(before + during)
+        assert len(ratings) == 20
+    finally:
+        proxy.close()
+        drop()

@@ -180,3 +180,31 @@ def test_keys_command_line(tmp_path: Path) -> None:
     assert missing.returncode == 1 and "no key 'key_nope'" in missing.stderr
     bad = loopchat("create", "widget", "--public")
     assert bad.returncode == 1 and "--origin" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_key_reads_only_its_sites_and_users_conversations(
+    production: TestClient, db_settings: Settings
+) -> None:
+    shop, token = create_key(production.database, "shop")
+    _, other = create_key(production.database, "other")
+    _, widget = create_key(production.database, "widget", site=shop.site, kind="public", origins=[SHOP])
+    first = production.post("/v1/chat/completions", json=ASK, headers=auth(token))
+    conversation = first.headers["x-loopchat-conversation-id"]
+    follow_up = {**ASK, "metadata": {"conversation_id": conversation}}
+    assert production.post("/v1/chat/completions", json=follow_up, headers=auth(token)).status_code == 200
+    rating = {"completion_id": first.json()["id"], "user": "alice", "rating": "up", "comment": "<b>ok</b>"}
+    assert production.post("/v1/feedback", json=rating, headers=auth(token)).status_code == 200
+    wait_for_rows(db_settings.db_url, "SELECT id FROM rating", 1)
+    wait_for_rows(db_settings.db_url, "SELECT id FROM completion", 2)
+
+    path = f"/v1/conversations/{conversation}"
+    read = production.get(path, params={"user": "alice"}, headers=auth(token))
+    assert read.status_code == 200, read.text
+    turns = read.json()["completions"]
+    assert [t["id"] for t in turns][0] == first.json()["id"] and len(turns) == 2
+    assert (turns[0]["rating"], turns[0]["comment"], turns[1]["rating"]) == ("up", "<b>ok</b>", None)
+    # Another site, another user, a public key, no key: nothing to see.
+    assert production.get(path, params={"user": "alice"}, headers=auth(other)).status_code == 404
+    assert production.get(path, params={"user": "mallory"}, headers=auth(token)).status_code == 404
+    assert production.get(path, params={"user": "alice"}, headers=auth(widget, SHOP)).status_code == 403
+    assert production.get(path, params={"user": "alice"}).status_code == 401
