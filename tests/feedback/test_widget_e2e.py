@@ -11,6 +11,7 @@ LOOPCHAT_TEST_REQUIRE_BROWSER=1, which turns the skip into a failure.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -23,14 +24,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import create_engine, text
 
 from serving.app import create_app
-from serving.routes import ui
 from serving.settings import Settings
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer
 from tests.utils.fake_engine import FakeEngine
+from tests.utils.processes import serve_in_thread
 
 try:
     from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
@@ -134,27 +134,8 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     app = create_app(
         Settings(data_dir=data, base_model=data / "fake-base"), engine=engine, exit_on_engine_failure=False
     )
-    # Until serving/app.py includes the UI router itself.
-    if not any(getattr(route, "path", None) == "/widget.js" for route in app.routes):
-        app.include_router(ui.router)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="widget-test-server", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the in-process server did not start")
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(app, "widget-test-server") as url:
+        yield url
 
 
 class Captured:
@@ -384,7 +365,7 @@ def test_hostile_text_shows_as_text(tab: Tab, server_url: str) -> None:
 
 @pytest.mark.browser
 def test_api_errors_show_their_message(tab: Tab, server_url: str) -> None:
-    page = open_chat(tab, server_url, max_tokens=5000)
+    page = open_chat(tab, server_url, max_tokens=2000)
     # The real server refuses: the fake engine's context is 1024 tokens.
     page.fill("#prompt", "too long please")
     page.press("#prompt", "Enter")
@@ -656,3 +637,72 @@ def test_end_to_end_side_by_side_choice_reaches_the_database(tab: Tab, live_serv
     )
     assert rows == [{"chosen_completion_id": id_b, "rejected_completion_id": id_a, "user_key": user}]
     tab.assert_clean()
+
+
+class HostPage(http.server.ThreadingHTTPServer):
+    """A web page on an origin of its own (a shop's site), served from loopback: Chromium refuses
+    a public page's requests to loopback outright, so the page must be local too."""
+
+    def __init__(self) -> None:
+        page_server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.end_headers()
+                self.wfile.write(page_server.page)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.page = b""
+        self.origin = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> HostPage:
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+HOST_WITH_KEY = """<!doctype html><html><body>
+<div id="answer" data-loopchat-completion-id="{completion}">an answer</div>
+<script src="{api}/widget.js"></script>
+<script>LoopchatWidget.configure({{user: 'shopper', headers: {{Authorization: 'Bearer {key}'}}}});</script>
+</body></html>"""
+
+
+@pytest.mark.browser
+def test_a_public_key_rates_from_its_sites_pages_only(tab: Tab, tmp_path: Path) -> None:
+    """Production mode: the shop's page, on another origin, loads the widget with the shop's
+    public key and rates the shop's answer through CORS; the same page on an origin the key does
+    not list is refused by the preflight, and nothing is stored from there."""
+    from serving.access import create_key
+
+    settings = Settings(data_dir=tmp_path, base_model=tmp_path / "fake-base", environment="production",
+                        access={"key_cache_s": 0.2})  # fmt: skip
+    app = create_app(settings, engine=FakeEngine(max_model_len=256), exit_on_engine_failure=False)
+    with serve_in_thread(app, "public-key-server") as url, HostPage() as shop_site, HostPage() as other_site:
+        database = create_engine(settings.db_url)
+        shop, secret = create_key(database, "shop")
+        _, public = create_key(database, "widget", site=shop.site, kind="public", origins=[shop_site.origin])
+        ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "user": "shopper"}
+        answer = httpx.post(f"{url}/v1/chat/completions", json=ask,
+                            headers={"Authorization": f"Bearer {secret}"}).json()  # fmt: skip
+        html = HOST_WITH_KEY.format(completion=answer["id"], api=url, key=public).encode()
+        shop_site.page = other_site.page = html
+        time.sleep(0.5)  # the CORS allowlist picks the new key's origin up (access.key_cache_s)
+        page = tab.page
+        page.goto(f"{other_site.origin}/shop.html")
+        page.locator("#answer .loopchat-thumb-up").click()
+        expect(page.locator("#answer .loopchat-feedback")).to_have_attribute("data-loopchat-state", "error")
+        page.goto(f"{shop_site.origin}/shop.html")
+        page.locator("#answer .loopchat-thumb-up").click()
+        expect(page.locator("#answer .loopchat-feedback")).to_have_attribute("data-loopchat-state", "saved")
+        rows = _poll_rows(settings.db_url, "SELECT completion_id, thumb FROM rating_event", {}, lambda r: r)
+        database.dispose()
+    assert [(r["completion_id"], r["thumb"]) for r in rows] == [(answer["id"], "up")]

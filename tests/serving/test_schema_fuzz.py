@@ -7,22 +7,19 @@ reaches every route."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from serving.app import create_app
 from serving.settings import Settings
-from tests.conftest import ADMIN_TOKEN, free_port
+from tests.conftest import ADMIN_TOKEN
 from tests.utils.fake_engine import FakeEngine
+from tests.utils.processes import serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +30,8 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesi
         engine=FakeEngine(max_model_len=256),
         exit_on_engine_failure=False,
     )
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "fuzz server did not start"
-        time.sleep(0.1)
-    try:
+    with serve_in_thread(app, "fuzz-server") as url:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def fuzz(operation, headers: dict[str, str]):
