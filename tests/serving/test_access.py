@@ -155,8 +155,10 @@ def test_concurrency_limit_holds_a_slot_for_a_whole_stream(production: TestClien
     assert production.post("/v1/chat/completions", json=ASK, headers=auth(token)).status_code == 200
 
 
-def test_development_mode_needs_no_key_but_checks_a_given_one(db_client: TestClient) -> None:
+def test_development_mode_needs_no_key_but_checks_a_loopchat_one(db_client: TestClient) -> None:
     assert db_client.post("/v1/chat/completions", json=ASK).status_code == 200
+    # OpenAI clients must send something: a key that is not a loopchat key is not checked here.
+    assert db_client.post("/v1/chat/completions", json=ASK, headers=auth("unused")).status_code == 200
     assert db_client.post("/v1/chat/completions", json=ASK, headers=auth("lc-sk-wrong")).status_code == 401
 
 
