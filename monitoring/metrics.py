@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app, multiprocess
+from starlette.routing import Match
 
 from serving.engine.base import ChatEngine
 
@@ -145,17 +147,61 @@ class ServingMetrics:
         gauge("loopchat_engine_loaded_adapters", "LoRA adapters loaded in the engine", "livemax",
               lambda: engine.stats().loaded_adapters)  # fmt: skip
 
-    def observe_http(self, info) -> None:
-        """prometheus-fastapi-instrumentator's hook: one call per finished HTTP request."""
-        headers = info.response.headers
-        self.http_requests.labels(
-            info.modified_handler,
-            info.method,
-            info.modified_status,
-            headers.get("x-loopchat-model-version", ""),
-            headers.get("x-loopchat-variant", NO_VARIANT if "x-loopchat-model-version" in headers else ""),
-        ).inc()
-        self.http_latency.labels(info.modified_handler, info.method).observe(info.modified_duration)
+
+class HTTPMetricsMiddleware:
+    """Counts and times every HTTP request by route template, method, status and (chat) the
+    answering version and variant.
+
+    A pure ASGI middleware that reads the route Starlette matched from the scope afterwards:
+    nothing is matched twice and no request or response object is built, which keeps it to a
+    few microseconds a request (the ratings benchmark runs at over 1000 requests/s on 2 cores).
+    Only requests refused before routing (401, 413, 429) are matched here, to name their route.
+    """
+
+    def __init__(self, app, metrics: ServingMetrics, exclude: tuple[str, ...] = ("/metrics",)) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.exclude = exclude
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status, version, variant = 500, "", None
+
+        async def observed(message) -> None:
+            nonlocal status, version, variant
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == b"x-loopchat-model-version":
+                        version = value.decode("latin-1")
+                    elif name == b"x-loopchat-variant":
+                        variant = value.decode("latin-1")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            route = self._route(scope)
+            if not route.startswith(self.exclude):
+                if variant is None:
+                    variant = NO_VARIANT if version else ""
+                metrics, method = self.metrics, scope["method"]
+                metrics.http_requests.labels(route, method, str(status), version, variant).inc()
+                metrics.http_latency.labels(route, method).observe(time.perf_counter() - started)
+
+    def _route(self, scope) -> str:
+        route = scope.get("route")
+        if route is not None:
+            return getattr(route, "path", "none")
+        app = scope.get("app")
+        for candidate in getattr(getattr(app, "router", None), "routes", ()):
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                return getattr(candidate, "path", "none")
+        return "none"  # unknown paths share one label value
 
 
 class FeedbackMetrics:

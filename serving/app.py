@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, disable_created_metrics
-from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy.exc import SQLAlchemyError
 
 from feedback.db import make_engine, migrate
@@ -21,6 +20,7 @@ from monitoring.loop_stats import LoopMetrics
 from monitoring.metrics import (
     ExperimentMetrics,
     FeedbackMetrics,
+    HTTPMetricsMiddleware,
     LiveGauges,
     MetricsEndpoint,
     ServingMetrics,
@@ -236,9 +236,7 @@ def create_app(
         AccessMiddleware, settings=settings.access, required=settings.keys_required, store_of=store_of
     )
     # Route templates, status codes and the answering version/variant of every HTTP request.
-    Instrumentator(should_group_status_codes=False, excluded_handlers=["^/metrics"], registry=registry).add(
-        serving_metrics.observe_http
-    ).instrument(app)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=serving_metrics)
     endpoint = MetricsEndpoint(registry, live)
     app.add_route("/metrics", endpoint, include_in_schema=False)
     app.mount("/metrics", endpoint)

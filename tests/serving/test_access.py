@@ -50,6 +50,9 @@ def test_keys_are_required_outside_development(production: TestClient) -> None:
         assert response.status_code == 401, headers
         assert response.json()["error"]["type"] == "authentication_error"
         assert response.headers["www-authenticate"] == "Bearer"
+    # Refused before routing, and still counted under their route.
+    metrics = production.get("/metrics").text
+    assert 'method="POST",model_version="",route="/v1/chat/completions",status="401"' in metrics
     # Probes and metrics stay open; the admin API keeps its own token.
     assert production.get("/healthz").status_code == 200
     _, token = create_key(production.database, "shop")
