@@ -209,6 +209,14 @@ class Limiter:
             bucket.inflight = max(0, bucket.inflight - 1)
 
 
+def _header(scope, name: bytes) -> bytes:
+    """One request header's raw value (ASGI header names are lower case); b"" when absent."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return b""
+
+
 def _too_many(message: str, retry_after: int) -> APIError:
     return APIError(
         429, message, code="rate_limit_exceeded", headers={"Retry-After": str(max(1, retry_after))}
@@ -254,8 +262,7 @@ class AccessMiddleware:
             self.limiter.release(principal.key_id)
 
     async def _authenticate(self, scope) -> Principal:
-        headers = dict(scope["headers"])
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        authorization = _header(scope, b"authorization").decode("latin-1")
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if not self.required and not token.startswith(tuple(PREFIXES.values())):
@@ -283,7 +290,7 @@ class AccessMiddleware:
             if scope["path"] not in PUBLIC_ROUTES:
                 raise APIError(403, "a public key may only rate completions (POST /v1/feedback)",
                                code="public_key_not_allowed")  # fmt: skip
-            origin = headers.get(b"origin", b"").decode("latin-1")
+            origin = _header(scope, b"origin").decode("latin-1")
             if origin and origin not in principal.origins:
                 raise APIError(403, f"this key is not for pages on {origin}", code="origin_not_allowed")
         return principal
@@ -304,6 +311,13 @@ class KeyOriginsCORS(CORSMiddleware):
         )
         self._configured = frozenset(settings.cors_origins)
         self._store_of = store_of
+
+    async def __call__(self, scope, receive, send) -> None:
+        # Most requests come from servers, without an Origin: nothing for CORS to do.
+        if scope["type"] != "http" or not _header(scope, b"origin"):
+            await self.app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
     def is_allowed_origin(self, origin: str) -> bool:
         store = self._store_of()

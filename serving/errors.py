@@ -69,7 +69,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
         if declared is not None:
             if not declared.isdigit() or int(declared) > self.max_bytes:
                 await self._refuse(scope, receive, send)
