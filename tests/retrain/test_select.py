@@ -44,7 +44,8 @@ def test_budget_duplicates_and_samples_used_before(engine) -> None:
     selection = select_samples(engine, SelectionConfig(budget=4, embed=False))
     assert len(selection.picked) == 4
     texts = [c.text for c in selection.picked]
-    assert texts.count("same question\nsame answer") == 1
+    # All ten carry the same signal, so which four win is a tie; a duplicate never appears twice.
+    assert len(set(texts)) == 4 and texts.count("same question\nsame answer") <= 1
     everything = select_samples(engine, SelectionConfig(budget=100, embed=False))
     assert len(everything.picked) == 6 and everything.duplicates == 4
 
