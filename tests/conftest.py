@@ -139,9 +139,10 @@ class LiveServer:
         raise KeyError(name)
 
 
-def start_server(workdir: Path, base_model: Path, **settings: str) -> LiveServer:
+def start_server(workdir: Path, base_model: Path, *args: str, **settings: str) -> LiveServer:
     """`loopchat serve` on the embedded model in its own session (its engine processes too),
-    with its own SQLite database; `settings` are extra LOOPCHAT_* variables."""
+    with its own SQLite database; `args` are extra `serve` options, `settings` extra environment
+    variables (LOOPCHAT_*)."""
     port = free_port()
     token = secrets.token_urlsafe(24)
     log = workdir / "server.log"
@@ -158,7 +159,7 @@ def start_server(workdir: Path, base_model: Path, **settings: str) -> LiveServer
     }
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "serving.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
             cwd=REPO,
             env=env,
             stdout=out,
