@@ -29,7 +29,7 @@ from sqlmodel import Session, col, select
 from starlette.middleware.cors import CORSMiddleware
 
 from feedback.models import ApiKey
-from serving.errors import APIError
+from serving.errors import APIError, request_header
 from serving.settings import AccessSettings
 
 logger = logging.getLogger(__name__)
@@ -209,14 +209,6 @@ class Limiter:
             bucket.inflight = max(0, bucket.inflight - 1)
 
 
-def _header(scope, name: bytes) -> bytes:
-    """One request header's raw value (ASGI header names are lower case); b"" when absent."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return b""
-
-
 def _too_many(message: str, retry_after: int) -> APIError:
     return APIError(
         429, message, code="rate_limit_exceeded", headers={"Retry-After": str(max(1, retry_after))}
@@ -262,7 +254,7 @@ class AccessMiddleware:
             self.limiter.release(principal.key_id)
 
     async def _authenticate(self, scope) -> Principal:
-        authorization = _header(scope, b"authorization").decode("latin-1")
+        authorization = (request_header(scope, b"authorization") or b"").decode("latin-1")
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if not self.required and not token.startswith(tuple(PREFIXES.values())):
@@ -290,7 +282,7 @@ class AccessMiddleware:
             if scope["path"] not in PUBLIC_ROUTES:
                 raise APIError(403, "a public key may only rate completions (POST /v1/feedback)",
                                code="public_key_not_allowed")  # fmt: skip
-            origin = _header(scope, b"origin").decode("latin-1")
+            origin = (request_header(scope, b"origin") or b"").decode("latin-1")
             if origin and origin not in principal.origins:
                 raise APIError(403, f"this key is not for pages on {origin}", code="origin_not_allowed")
         return principal
@@ -314,7 +306,7 @@ class KeyOriginsCORS(CORSMiddleware):
 
     async def __call__(self, scope, receive, send) -> None:
         # Most requests come from servers, without an Origin: nothing for CORS to do.
-        if scope["type"] != "http" or not _header(scope, b"origin"):
+        if scope["type"] != "http" or not request_header(scope, b"origin"):
             await self.app(scope, receive, send)
             return
         await super().__call__(scope, receive, send)

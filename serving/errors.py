@@ -57,6 +57,15 @@ class APIError(Exception):
         )
 
 
+def request_header(scope, name: bytes) -> bytes | None:
+    """One request header's raw value from an ASGI scope (names are lower case); None if absent.
+    A scan of the few headers, cheaper than building a dict on every request."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
 class BodySizeLimit:
     """Refuses a request body over `max_bytes` with 413, by its Content-Length, or for a body
     without one (chunked) once the bytes read pass the cap; nothing of it is parsed or stored."""
@@ -69,7 +78,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
+        declared = request_header(scope, b"content-length")
         if declared is not None:
             if not declared.isdigit() or int(declared) > self.max_bytes:
                 await self._refuse(scope, receive, send)
