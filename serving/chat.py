@@ -177,7 +177,7 @@ class ChatService:
             )
         requested = request.requested_max_tokens
         if requested is not None and prompt_len + requested > context:
-            param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+            param = request.max_tokens_param
             raise bad_request(
                 f"This model's maximum context length is {context} tokens. The messages take "
                 f"{prompt_len} tokens and {param} asks for {requested}; at most "
@@ -232,7 +232,7 @@ class ChatService:
                 )
         requested = request.requested_max_tokens
         if requested is not None and requested > limits.max_completion_tokens:
-            param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+            param = request.max_tokens_param
             raise bad_request(
                 f"{param} is {requested}; this server allows at most {limits.max_completion_tokens}",
                 param=param,

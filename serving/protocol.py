@@ -102,6 +102,11 @@ class ChatCompletionRequest(_Lenient):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def max_tokens_param(self) -> str:
+        """The field the token limit came from, for error messages."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
 
 class ChatCompareRequest(ChatCompletionRequest):
     models: list[str] | None = Field(
