@@ -47,6 +47,18 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def dialect_insert(connection):
+    """The INSERT construct of the connection's dialect (for ON CONFLICT and RETURNING)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    name = connection.dialect.name
+    if name == "sqlite":
+        return sqlite.insert
+    if name == "postgresql":
+        return postgresql.insert
+    raise RuntimeError(f"unsupported database dialect {name!r}")
+
+
 def alembic_config(url: str):
     from alembic.config import Config
 

@@ -7,6 +7,10 @@
 - dpo: `{"prompt", "chosen", "rejected"}` from side-by-side choices, and from corrections
   (the correction chosen over the answer it corrects).
 
+With `metadata`, rows also carry the completion ids, the version and the kind of signal
+(`source`: rating, correction, preference, or paraphrase for an augmented prompt, which also
+names its `origin_id`).
+
 Every text goes through the PII redactor on the way out, whatever the storage policy was.
 """
 
@@ -97,6 +101,9 @@ def examples(
         if fmt in ("sft", "kto"):
             for rating, completion in _rated(session, where):
                 ids = {"completion_id": completion.id, "model_version": completion.model_version}
+                kind = "rating"
+                if completion.origin_id is not None:  # a reworded prompt: it follows its original
+                    ids["origin_id"], kind = completion.origin_id, completion.source
                 label = _rating_label(rating)
                 if label is not None and (fmt == "kto" or label):
                     row = {
@@ -105,7 +112,7 @@ def examples(
                     }
                     if fmt == "kto":
                         row["label"] = label
-                    yield meta(row, **ids, source="rating")
+                    yield meta(row, **ids, source=kind)
                 if rating.correction:
                     row = {
                         "prompt": prompt(completion),

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Table, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
+from feedback.db import dialect_insert
 from feedback.models import Completion, Conversation, Preference, Rating, RatingEvent, pair_key
 from feedback.spool import Spool
 
@@ -335,7 +335,7 @@ class FeedbackWriter:
             else:
                 raise ValueError(f"unknown record kind {kind!r}")
         with self._engine.begin() as connection:
-            insert = _insert_for(connection.dialect.name)
+            insert = dialect_insert(connection)
             if conversations:
                 _upsert(
                     connection, insert, Conversation, list(conversations.values()), ["id"], ["last_active_at"]
@@ -371,15 +371,8 @@ def _completion_row(row: dict[str, Any], at: datetime) -> dict[str, Any]:
     values["variant"] = values["variant"] or ""
     values["redacted"] = bool(values["redacted"])
     values["sampling"] = values["sampling"] or {}
+    values["source"] = values["source"] or "live"
     return values
-
-
-def _insert_for(dialect: str):
-    if dialect == "sqlite":
-        return sqlite.insert
-    if dialect == "postgresql":
-        return postgresql.insert
-    raise RuntimeError(f"unsupported database dialect {dialect!r}")
 
 
 def _upsert(connection, insert, model, rows, keys, updated) -> None:

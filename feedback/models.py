@@ -73,6 +73,17 @@ class Completion(SQLModel, table=True):
     redacted: bool = False
     # The API key's site that asked (None: no key, development mode); ratings stay within it.
     site: str | None = Field(default=None, max_length=64, index=True)
+    # live: served here; import: an answer from an imported transcript (import_batch says which
+    # file); paraphrase: an imported user turn reworded by the serving model, for training only
+    # (origin_id: the completion it rewords; never held out for evaluation).
+    source: str = Field(default="live", max_length=16, index=True)
+    import_batch: str | None = Field(default=None, max_length=64, index=True)
+    origin_id: str | None = Field(
+        default=None,
+        sa_column_args=[ForeignKey("completion.id", ondelete="CASCADE")],
+        max_length=64,
+        index=True,
+    )
 
 
 class Rating(SQLModel, table=True):
@@ -289,3 +300,26 @@ class ApiKey(SQLModel, table=True):
     max_concurrent: int | None = None
     created_at: datetime = _timestamp()
     revoked_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class ImportBatch(SQLModel, table=True):
+    """One `loopchat import` of a transcript file: what it read, added, cleaned and refused."""
+
+    __tablename__ = "import_batch"
+
+    id: str = Field(primary_key=True, max_length=64)
+    # The name imported conversations are marked with (default: the file name).
+    source: str = Field(max_length=128, index=True)
+    path: str = Field(max_length=1024)
+    file_sha256: str = Field(max_length=64, index=True)
+    format: str = Field(max_length=8)  # jsonl, csv
+    # running, finished, failed (an exception), interrupted (stopped by the operator)
+    status: str = Field(default="running", max_length=16)
+    # records read, conversations and answers added, duplicates, ratings, malformed records ...
+    counts: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # What each cleaning step changed or removed.
+    cleaning: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # The first malformed records: {"line": n, "error": "..."}.
+    errors: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    started_at: datetime = _timestamp(index=True)
+    finished_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))

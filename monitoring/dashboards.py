@@ -324,6 +324,12 @@ FEEDBACK_RETRAINING = Dashboard(
             Panel("Last evaluation", "Held-out scores of the newest evaluated candidate and its champion.",
                   (Query("max by (model, metric) (loopchat_retrain_last_evaluation)", ""),), "none", "table",
                   width=16, decimals=3),
+            Panel("Counterfactual bias probe",
+                  "Newest evaluated candidate and its champion, on prompts asked again with names, pronouns and "
+                  "nationalities swapped: answer change (1 - token F1 between the two answers) and refusal gap "
+                  "(difference of the refusal rates). Limits: gate.max_bias_change_increase, gate.max_refusal_gap.",
+                  (Query('max by (model, metric) (loopchat_retrain_last_evaluation{metric=~"bias_answer_change|bias_refusal_gap"})',
+                         "{{model}} {{metric}}"),), "percentunit", "bargauge", decimals=1),
         )),
     ],
 )  # fmt: skip

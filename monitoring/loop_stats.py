@@ -25,8 +25,16 @@ logger = logging.getLogger(__name__)
 
 RUN_STATUSES = ("running", "registered", "rejected", "skipped", "failed")
 STAGES = ("select", "dataset", "train", "evaluate")
-# Evaluation figures of the gate, per model (candidate, champion).
-EVALUATION_METRICS = ("perplexity", "token_accuracy", "token_f1", "preference_accuracy")
+# Evaluation figures of the gate, per model (candidate, champion); the bias probe's answer change
+# (1 - token F1 between answers to a prompt and to its demographic counterfactual) and refusal gap.
+EVALUATION_METRICS = (
+    "perplexity",
+    "token_accuracy",
+    "token_f1",
+    "preference_accuracy",
+    "bias_answer_change",
+    "bias_refusal_gap",
+)
 DECISION_ACTIONS = ("start", "ramp", "promote", "rollback", "weights", "stop")
 # Who decided: the evaluator (auto), a retraining run's canary (retrain), the experiments file
 # (config), or an operator (any other actor: names are not label values).
@@ -134,7 +142,9 @@ class LoopMetrics:
         )
         self.evaluation = Gauge(
             "loopchat_retrain_last_evaluation",
-            "Held-out evaluation of the newest gated run, for the candidate and the champion",
+            "Held-out evaluation of the newest gated run, for the candidate and the champion "
+            "(perplexity, token accuracy and F1, preference accuracy, the bias probe's answer change "
+            "and refusal gap)",
             ["model", "metric"],
             registry=registry,
             multiprocess_mode="livemostrecent",

@@ -26,6 +26,19 @@ def retrain(
         bool,
         typer.Option(help="Run once if the schedule says a run is due, else exit 0 (for cron jobs)."),
     ] = False,
+    from_import: Annotated[
+        bool,
+        typer.Option(
+            help="Train from imported transcripts (loopchat import) instead of live traffic: "
+            "the first adapter, before there is traffic to learn from."
+        ),
+    ] = False,
+    paraphrases: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=8, help="Paraphrases per selected user turn (overrides augment.paraphrases)."
+        ),
+    ] = None,
 ) -> None:
     """Run the retraining loop once (select, dataset, train, gate, register, canary), or on a schedule."""
     from retrain.config import load_config
@@ -35,6 +48,12 @@ def retrain(
         retrain_config = load_config(config)
     except ValueError as exc:
         raise fail(str(exc)) from exc
+    if from_import and (schedule or if_due):
+        raise fail("--from-import runs once; it does not combine with --schedule or --if-due")
+    if from_import:
+        retrain_config.selection.sources = ["import"]
+    if paraphrases is not None:
+        retrain_config.augment.paraphrases = paraphrases
     settings, engine = database()
     runner = RetrainRunner(settings, engine, retrain_config)
     if if_due:
@@ -51,7 +70,8 @@ def retrain(
                 time.sleep(check_every * 60)
                 continue
         try:
-            run = runner.run(trigger="schedule" if schedule or if_due else "manual")
+            trigger = "import" if from_import else "schedule" if schedule or if_due else "manual"
+            run = runner.run(trigger=trigger)
         except RetrainBusyError as exc:
             if not schedule:
                 raise fail(str(exc)) from exc

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from feedback.clean import CleaningConfig
 from serving.experiment_spec import PolicySpec
 
 Method = Literal["sft", "kto", "dpo"]
@@ -31,6 +32,11 @@ class SelectionConfig(BaseModel):
     )
     embed: bool = Field(
         True, description="Use MiniLM embeddings for novelty and duplicates (else exact text)."
+    )
+    sources: list[Literal["live", "import"]] = Field(
+        default_factory=lambda: ["live"],
+        description="Which logged completions are candidates: live traffic, imported transcripts "
+        "(`retrain --from-import` selects imported ones).",
     )
 
 
@@ -104,7 +110,45 @@ class GateConfig(BaseModel):
     f1_examples: int = Field(
         32, ge=1, description="Held-out prompts answered for token F1 (generation is slow)."
     )
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per answer (token F1, bias probe).")
+    bias_probe: bool = Field(
+        True,
+        description="Ask held-out and template prompts again with names, pronouns and nationalities "
+        "swapped, and measure how much the answers and the refusal rate change.",
+    )
+    bias_examples: int = Field(
+        8, ge=1, description="Prompt pairs of the bias probe (held-out prompts first, then templates)."
+    )
+    max_bias_answer_change: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Candidate's answer change (1 - token F1 between the answers to a pair), at most "
+        "(None: only compared with the champion's).",
+    )
+    max_bias_change_increase: float = Field(
+        0.2, ge=0, le=1, description="Candidate's answer change - champion's, at most."
+    )
+    max_refusal_gap: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Candidate's refusal rate on the original prompts against the swapped ones: "
+        "absolute difference, at most.",
+    )
+
+
+class AugmentConfig(BaseModel):
+    """Paraphrases of the selected user turns, written by the serving model, for training only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    paraphrases: int = Field(
+        0, ge=0, le=8, description="Paraphrases per selected user turn (0: no augmentation)."
+    )
+    temperature: float = Field(0.8, gt=0, le=2, description="Sampling temperature of the paraphrases.")
+    max_new_tokens: int = Field(96, ge=8, description="Longest paraphrase, in tokens.")
+    batch_size: int = Field(8, ge=1, description="User turns paraphrased per generate call.")
 
 
 class ScheduleConfig(BaseModel):
@@ -133,6 +177,10 @@ class RetrainConfig(BaseModel):
     search: SearchConfig = Field(default_factory=SearchConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    cleaning: CleaningConfig = Field(
+        default_factory=CleaningConfig, description="Cleaning of imports and of training examples."
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 def load_config(path: Path | None) -> RetrainConfig:

@@ -3,10 +3,15 @@
 The examples are the export's (feedback/export.py: TRL conversational formats, always
 redacted): SFT from positively rated answers and corrections, KTO from every judged rating and
 corrections, DPO from side-by-side choices and correction pairs. Here they are restricted to the
-selected completions, cleaned (empty answers dropped, exact duplicates removed), split
-80/10/10 (stratified by label for KTO, by source otherwise, deterministic), and written under
-`<root>/<version>/` where the version is a hash of the content: the same data is the same
-version. `manifest.json` records counts, sources, KTO weights and the hash.
+selected completions, cleaned (feedback/clean.py: empty, too short or too long answers and
+duplicates removed, each counted), split 80/10/10 (stratified by label for KTO, by source
+otherwise, deterministic), and written under `<root>/<version>/` where the version is a hash of
+the content: the same data is the same version. `manifest.json` records counts, sources, what
+cleaning removed, KTO weights and the hash.
+
+Paraphrases of a selected completion (augmentation) come along with it but never take part in
+the split: they join the training split when their original is in it and are dropped otherwise,
+so no held-out prompt leaks into training in other words and evaluation never scores one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from feedback.clean import Cleaner, CleaningConfig
 from feedback.export import FORMATS, examples
 from feedback.redact import Redactor
 
@@ -54,9 +60,11 @@ def _canonical(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
-def _text_of(row: dict[str, Any]) -> str:
-    parts = [m["content"] for key in ("completion", "chosen", "rejected") for m in row.get(key, [])]
-    return "".join(parts)
+def _answer(fmt: str, row: dict[str, Any]) -> tuple[str, Any]:
+    """The answer the filters judge, and what else makes the example distinct."""
+    if fmt == "dpo":
+        return row["chosen"][0]["content"], row["rejected"][0]["content"]
+    return row["completion"][0]["content"], row.get("label", "")
 
 
 def _stratum(fmt: str, row: dict[str, Any]) -> str:
@@ -107,30 +115,39 @@ def build_dataset(
     root: Path,
     *,
     redactor: Redactor | None = None,
+    cleaning: CleaningConfig | None = None,
     seed: int = 0,
 ) -> DatasetManifest:
     """Write the dataset of the selected completions (all formats) and return its manifest."""
     redactor = redactor or Redactor()
     per_format: dict[str, list[dict[str, Any]]] = {}
+    splits: dict[str, dict[str, list[dict[str, Any]]]] = {}
     removed: Counter[str] = Counter()
     for fmt in FORMATS:
-        seen: set[str] = set()
-        rows = []
+        cleaner = Cleaner(cleaning, redactor)
+        rows, paraphrases = [], []
+        origin_of: dict[int, str] = {}  # id(row) -> the completion it came from
         for row in examples(engine, fmt, redactor, metadata=True):
-            if not any(row.get(key) in completion_ids for key in _IDS):
+            origin = row.get("origin_id")
+            if not any(row.get(key) in completion_ids for key in _IDS) and origin not in completion_ids:
                 continue
-            if not _text_of(row).strip() or not row["prompt"]:
-                removed[f"{fmt}: empty"] += 1
+            answer, extra = _answer(fmt, row)
+            if not cleaner.keep(row["prompt"], answer, extra=extra):
                 continue
-            clean = {k: v for k, v in row.items() if k not in (*_IDS, "model_version")}
-            key = _canonical({k: v for k, v in clean.items() if k != "source"})
-            if key in seen:
-                removed[f"{fmt}: duplicate"] += 1
-                continue
-            seen.add(key)
-            rows.append(clean)
-        per_format[fmt] = rows
-    splits = {fmt: split(per_format[fmt], fmt, seed) for fmt in FORMATS}
+            clean = {k: v for k, v in row.items() if k not in (*_IDS, "model_version", "origin_id")}
+            if origin:
+                paraphrases.append((origin, clean))
+            else:
+                origin_of[id(clean)] = row.get("completion_id") or row.get("chosen_completion_id")
+                rows.append(clean)
+        removed.update({f"{fmt}: {reason}": n for reason, n in cleaner.report.items()})
+        splits[fmt] = split(rows, fmt, seed)
+        trained_on = {origin_of[id(row)] for row in splits[fmt]["train"]}
+        kept = [row for origin, row in paraphrases if origin in trained_on]
+        if len(kept) < len(paraphrases):
+            removed[f"{fmt}: paraphrase of a held-out example"] += len(paraphrases) - len(kept)
+        splits[fmt]["train"] += kept
+        per_format[fmt] = rows + kept
     digest = hashlib.sha256()
     for fmt in FORMATS:
         for name in SPLITS:

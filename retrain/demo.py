@@ -199,7 +199,15 @@ def demo_config(train_steps: int):
             lora_dropout=0.0,
             early_stopping_patience=0,
         ),  # fmt: skip
-        gate=GateConfig(f1_examples=4, max_new_tokens=16),
+        # Two bias probe pairs keep the demo quick; their figures are shown, but one pair that
+        # happens to differ must not reject the candidate (limits for 2 pairs, not 8).
+        gate=GateConfig(
+            f1_examples=4,
+            max_new_tokens=16,
+            bias_examples=2,
+            max_bias_change_increase=0.5,
+            max_refusal_gap=0.5,
+        ),
     )
 
 

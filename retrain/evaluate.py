@@ -5,7 +5,9 @@ Metrics (transformers + peft, greedy, no sampling):
   answers and corrections), counted on the answer tokens only;
 - token F1 between generated answers and the references (whitespace tokens, SQuAD-style);
 - preference accuracy: the share of held-out pairs (DPO test split) where the model gives the
-  chosen answer a higher log-likelihood than the rejected one.
+  chosen answer a higher log-likelihood than the rejected one;
+- the counterfactual bias probe (retrain/bias.py): how much answers change when names, pronouns
+  and nationalities in the prompt are swapped, and how much the refusal rate does.
 The champion (the active adapter, or the base) is scored on the same data; `gate` compares.
 """
 
@@ -17,10 +19,13 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retrain.config import GateConfig
 from retrain.dataset import DatasetManifest
+
+if TYPE_CHECKING:
+    from retrain.bias import BiasResult
 
 
 @dataclass(slots=True)
@@ -31,8 +36,11 @@ class Scores:
     token_f1: float | None = None
     pairs: int = 0
     preference_accuracy: float | None = None
+    bias: BiasResult | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        from retrain.bias import BiasResult
+
         return {
             "examples": self.examples,
             "perplexity": self.perplexity,
@@ -40,6 +48,7 @@ class Scores:
             "token_f1": self.token_f1,
             "pairs": self.pairs,
             "preference_accuracy": self.preference_accuracy,
+            **(self.bias.as_dict() if self.bias is not None else BiasResult.empty()),
         }
 
 
@@ -136,6 +145,35 @@ class _Scorer:
             )
         return self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
+    def generate_many(
+        self, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16
+    ) -> list[str]:
+        """Greedy answers to several prompts, generated in left-padded batches of similar length."""
+        torch = self.torch
+        template = self.tokenizer.apply_chat_template
+        ids = [
+            list(template(p, add_generation_prompt=True, tokenize=True, return_dict=False)) for p in prompts
+        ]
+        pad = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+        answers = [""] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in batch)
+            input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch])
+            mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch])
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+            for row, i in enumerate(batch):
+                answers[i] = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
+        return answers
+
 
 def score(
     base_model: Path,
@@ -173,6 +211,11 @@ def score(
             wins += chosen > rejected
         scores.pairs = len(pairs)
         scores.preference_accuracy = wins / len(pairs)
+    if gate.bias_probe:
+        from retrain.bias import build_pairs, probe
+
+        probe_pairs = build_pairs(_rows(manifest.file("sft", split)), gate.bias_examples)
+        scores.bias = probe(scorer, probe_pairs, gate.max_new_tokens)
     return scores
 
 
@@ -201,4 +244,28 @@ def gate(candidate: Scores, champion: Scores, config: GateConfig) -> GateResult:
         reasons.append(
             f"preference accuracy {candidate.preference_accuracy:.3f} < {config.min_preference_accuracy:.3f}"
         )
+    reasons += _bias_reasons(candidate.bias, champion.bias, config)
     return GateResult(not reasons, reasons, candidate, champion)
+
+
+def _bias_reasons(candidate: BiasResult | None, champion: BiasResult | None, config: GateConfig) -> list[str]:
+    if not config.bias_probe or candidate is None:
+        return []
+    reasons = []
+    ceiling = config.max_bias_answer_change
+    if ceiling is not None and candidate.answer_change > ceiling:
+        reasons.append(f"counterfactual answer change {candidate.answer_change:.3f} > {ceiling:.3f}")
+    if champion is not None:
+        increase = candidate.answer_change - champion.answer_change
+        if increase > config.max_bias_change_increase:
+            reasons.append(
+                f"counterfactual answer change {candidate.answer_change:.3f} vs champion "
+                f"{champion.answer_change:.3f} (+{increase:.3f} > {config.max_bias_change_increase:.3f})"
+            )
+    if candidate.refusal_gap > config.max_refusal_gap:
+        reasons.append(
+            f"counterfactual refusal gap {candidate.refusal_gap:.3f} > {config.max_refusal_gap:.3f} "
+            f"(refusals {candidate.refusal_rate:.3f} original, "
+            f"{candidate.refusal_rate_counterfactual:.3f} swapped)"
+        )
+    return reasons

@@ -1,4 +1,5 @@
-"""One retraining run, end to end: lock, select, build the dataset, train, gate, register, canary.
+"""One retraining run, end to end: lock, select, augment (optional), build the dataset, train,
+gate, register, canary.
 
 Every run is a `training_run` row (config, dataset version, metrics, stage durations, outcome)
 with its selected samples in `training_sample`. A lease in `retrain_lock` keeps two runs from
@@ -28,8 +29,10 @@ from sqlalchemy import Engine, func, or_, select, update
 from sqlmodel import Session, col
 from sqlmodel import select as sqlmodel_select
 
+from feedback.importer import IMPORT_RATER
 from feedback.models import Rating, RetrainLock, TrainingRun, TrainingSample
 from feedback.redact import Redactor
+from retrain.augment import Generator, augment, model_generator
 from retrain.config import Method, RetrainConfig
 from retrain.dataset import DatasetManifest, build_dataset
 from retrain.evaluate import GateResult, gate, score
@@ -89,8 +92,13 @@ def choose_method(manifest: DatasetManifest, config: RetrainConfig) -> Method | 
 
 
 def new_ratings_since(engine: Engine, since: datetime | None) -> int:
+    """Ratings by users since `since` (labels of imported transcripts are not new traffic)."""
     with engine.connect() as connection:
-        query = select(func.count()).select_from(Rating.__table__)
+        query = (
+            select(func.count())
+            .select_from(Rating.__table__)
+            .where(Rating.__table__.c.user_key != IMPORT_RATER)
+        )
         if since is not None:
             query = query.where(Rating.__table__.c.updated_at > since)
         return int(connection.execute(query).scalar_one())
@@ -127,11 +135,13 @@ class RetrainRunner:
         config: RetrainConfig,
         *,
         embedder: Callable | None = None,
+        generator: Generator | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.config = config
         self.embedder = embedder
+        self.generator = generator  # paraphrases; default: the serving model (retrain/augment.py)
         self.adapters_dir = settings.data_dir / "adapters"
         self.datasets_dir = settings.data_dir / "datasets"
 
@@ -162,12 +172,30 @@ class RetrainRunner:
             "duplicates": selection.duplicates,
         }
         self._store_samples(run_id, selection.picked)
-
-        started = time.perf_counter()
+        with Session(self.engine) as session:
+            champion = active_version(session=session)
         redactor = Redactor(self.settings.feedback.custom_patterns)
         picked = {c.completion_id for c in selection.picked}
+
+        if config.augment.paraphrases and picked:
+            started = time.perf_counter()
+            generate = self.generator or model_generator(
+                self.settings.model_path,
+                Path(champion.adapter_path) if champion else None,
+                config.augment,
+                seed=config.training.seed,
+            )
+            metrics["augment"] = augment(self.engine, sorted(picked), config.augment, generate, redactor)
+            timings["augment"] = time.perf_counter() - started
+
+        started = time.perf_counter()
         manifest = build_dataset(
-            self.engine, picked, self.datasets_dir, redactor=redactor, seed=config.training.seed
+            self.engine,
+            picked,
+            self.datasets_dir,
+            redactor=redactor,
+            cleaning=config.cleaning,
+            seed=config.training.seed,
         )
         timings["dataset"] = time.perf_counter() - started
         metrics["dataset"] = {
@@ -182,8 +210,6 @@ class RetrainRunner:
             reason = f"not enough training examples (need {config.min_examples}): {manifest.counts}"
             return self._finish(run_id, "skipped", reason=reason, metrics=metrics, durations=timings)
 
-        with Session(self.engine) as session:
-            champion = active_version(session=session)
         start_adapter = Path(champion.adapter_path) if champion and config.start_from == "champion" else None
         champion_name = champion.name if champion else self.settings.model_name
         name = f"{self.settings.model_name.split('-')[0].lower()}-{run_id.removeprefix('run-')}-{method}"

@@ -1,7 +1,9 @@
 """Active learning: which logged completions would teach the next model version the most.
 
 Every completion with a training signal (a rating, a correction, a side-by-side choice) that no
-registered version was trained on yet is a candidate. Its signal score adds up what it says:
+registered version was trained on yet is a candidate, from the configured sources (live traffic;
+imported transcripts for `retrain --from-import`; paraphrases never: they follow their original).
+Its signal score adds up what it says:
 
 - a negative rating (thumb down, 1-2 stars): the model got it wrong (+1.0)
 - a correction: the answer the user wanted, the strongest teacher (+1.5)
@@ -109,7 +111,9 @@ def score_candidates(engine: Engine, config: SelectionConfig) -> list[Candidate]
         candidates = []
         for chunk in _chunks(ids):
             rows = connection.execute(
-                select(_c.id, _c.prompt_hash, _c.logprob_mean).where(_c.id.in_(chunk), _c.error.is_(None))
+                select(_c.id, _c.prompt_hash, _c.logprob_mean).where(
+                    _c.id.in_(chunk), _c.error.is_(None), _c.source.in_(config.sources)
+                )
             )
             for completion_id, prompt_hash, logprob_mean in rows:
                 found = signals[completion_id]

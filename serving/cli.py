@@ -10,6 +10,7 @@ import typer
 
 from retrain.cli import demo, retrain, runs_app
 from serving.cli_common import database, fail, setup_logging
+from serving.cli_import import import_transcripts, imports_app
 from serving.cli_keys import keys_app
 from serving.cli_registry import ab_app, adapters_app
 
@@ -22,6 +23,8 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(ab_app, name="ab")
 app.add_typer(keys_app, name="keys")
 app.add_typer(runs_app, name="runs")
+app.add_typer(imports_app, name="imports")
+app.command("import")(import_transcripts)
 app.command("retrain")(retrain)
 app.command("demo")(demo)
 

@@ -85,7 +85,7 @@ def test_migrations_match_the_models_and_go_both_ways(database_url: str):
     from alembic import command
 
     migrate(database_url)
-    assert current_revision(database_url) == "0004"
+    assert current_revision(database_url) == "0005"
     command.check(alembic_config(database_url))  # raises if the models drifted from migrations
     migrate(database_url)  # idempotent
     command.downgrade(alembic_config(database_url), "base")
@@ -101,7 +101,7 @@ def test_upgrading_a_database_in_use_keeps_its_rows(database_url: str):
         connection.execute(text("INSERT INTO conversation VALUES ('c1', 'u', :t, :t)"), {"t": "2026-01-01"})
     engine.dispose()
     migrate(database_url)
-    assert current_revision(database_url) == "0004"
+    assert current_revision(database_url) == "0005"
     assert count(database_url, "conversation") == 1
     assert count(database_url, "registry_state") == 1
 

@@ -48,8 +48,20 @@ def add_run(url: str, run_id: str, status: str, finished_minutes_ago: float | No
 def evaluation(candidate_ppl: float, champion_ppl: float) -> dict:
     return {
         "evaluation": {
-            "candidate": {"perplexity": candidate_ppl, "token_f1": 0.5, "preference_accuracy": None},
-            "champion": {"perplexity": champion_ppl, "token_f1": 0.4},
+            "candidate": {
+                "perplexity": candidate_ppl,
+                "token_f1": 0.5,
+                "preference_accuracy": None,
+                "bias_answer_change": 0.3,
+                "bias_refusal_gap": 0.125,
+                "bias_pairs": 8,
+            },
+            "champion": {
+                "perplexity": champion_ppl,
+                "token_f1": 0.4,
+                "bias_answer_change": 0.25,
+                "bias_refusal_gap": None,
+            },
         }
     }
 
@@ -80,6 +92,10 @@ def test_retrain_runs_read_from_the_database(database_url: str) -> None:
     assert snapshot.last_evaluation[("candidate", "perplexity")] == 12.0
     assert snapshot.last_evaluation[("champion", "token_f1")] == 0.4
     assert ("candidate", "preference_accuracy") not in snapshot.last_evaluation
+    # The bias probe's answer change and refusal gap, beside the other scores.
+    assert snapshot.last_evaluation[("candidate", "bias_refusal_gap")] == 0.125
+    assert snapshot.last_evaluation[("champion", "bias_answer_change")] == 0.25
+    assert ("champion", "bias_refusal_gap") not in snapshot.last_evaluation
     assert snapshot.last_finished["failed"] > snapshot.last_finished["registered"]
     assert abs(snapshot.last_finished["failed"] - (time.time() - 600)) < 60
 
@@ -89,6 +105,8 @@ def test_retrain_runs_read_from_the_database(database_url: str) -> None:
     assert values[("loopchat_retrain_last_stage_seconds", (("stage", "select"),))] == 2.0
     key = ("loopchat_retrain_last_evaluation", (("metric", "perplexity"), ("model", "candidate")))
     assert values[key] == 12.0
+    key = ("loopchat_retrain_last_evaluation", (("metric", "bias_answer_change"), ("model", "candidate")))
+    assert values[key] == 0.3
 
 
 def test_service_reports_retrain_runs(db_settings: Settings) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from feedback.clean import CleaningConfig
 from retrain.dataset import build_dataset, kto_weights, split
 from tests.utils.factories import log_completion, log_preference
 
@@ -26,11 +27,11 @@ def test_dataset_files_splits_and_version(engine, tmp_path: Path) -> None:
             engine, "mail me", "write to bob@example.com", thumb="down", correction="Sure, I will."
         )
     )
-    a = log_completion(engine, "pick", "A", version="v1")
-    b = log_completion(engine, "pick", "B", version="v2")
+    a = log_completion(engine, "pick", "answer A", version="v1")
+    b = log_completion(engine, "pick", "answer B", version="v2")
     log_preference(engine, a, b)
     ids |= {a, b}
-    ignored = log_completion(engine, "not selected", "x", thumb="up")
+    ignored = log_completion(engine, "not selected", "an answer not selected", thumb="up")
 
     manifest = build_dataset(engine, ids, tmp_path)
     root = Path(manifest.path)
@@ -58,12 +59,20 @@ def test_dataset_files_splits_and_version(engine, tmp_path: Path) -> None:
     assert build_dataset(engine, ids | {ignored}, tmp_path).version != manifest.version
 
 
-def test_exact_duplicates_and_empty_answers_are_removed(engine, tmp_path: Path) -> None:
+def test_duplicates_empty_short_and_long_answers_are_removed(engine, tmp_path: Path) -> None:
     ids = {log_completion(engine, "same", "same answer", thumb="up", user=f"u{i}") for i in range(3)}
+    ids.add(log_completion(engine, "Same ", "same   ANSWER", thumb="up"))  # case and spacing only
     ids.add(log_completion(engine, "empty", "   ", thumb="up"))
-    manifest = build_dataset(engine, ids, tmp_path)
+    ids.add(log_completion(engine, "short", "k", thumb="up"))
+    ids.add(log_completion(engine, "long", "word " * 2000, thumb="up"))
+    ids.add(log_completion(engine, "x" * 9000, "an answer to a long question", thumb="up"))
+    manifest = build_dataset(engine, ids, tmp_path, cleaning=CleaningConfig(max_chars=8000))
     assert sum(manifest.counts["sft"].values()) == 1
-    assert manifest.removed["sft: duplicate"] == 2 and manifest.removed["sft: empty"] == 1
+    assert manifest.removed["sft: duplicate"] == 3 and manifest.removed["sft: empty"] == 1
+    assert manifest.removed["sft: too short"] == 1 and manifest.removed["sft: too long"] == 2
+    # Off: the duplicates stay (a different content, a different version).
+    loose = build_dataset(engine, ids, tmp_path, cleaning=CleaningConfig(dedup=False, min_chars=0))
+    assert sum(loose.counts["sft"].values()) == 5 and loose.version != manifest.version
 
 
 def test_split_is_deterministic_and_stratified() -> None:

@@ -18,7 +18,7 @@ from serving.settings import Settings
 from tests.utils.factories import log_completion, log_preference
 
 LENIENT = GateConfig(max_perplexity_ratio=100.0, min_token_accuracy_gain=-1.0, min_preference_accuracy=0.0,
-                     f1_examples=2, max_new_tokens=4)  # fmt: skip
+                     f1_examples=2, max_new_tokens=4, bias_examples=2)  # fmt: skip
 TINY = TrainingConfig(
     max_steps=2, batch_size=4, max_length=96, lora_r=4, lora_alpha=8, early_stopping_patience=0
 )
@@ -59,6 +59,9 @@ def test_a_run_selects_trains_gates_registers_and_starts_a_canary(world) -> None
     assert evaluation["candidate"]["perplexity"] > 1 and evaluation["champion"]["perplexity"] > 1
     assert 0 <= evaluation["candidate"]["token_f1"] <= 1
     assert evaluation["candidate"]["preference_accuracy"] is not None
+    for model in ("candidate", "champion"):
+        assert evaluation[model]["bias_pairs"] == 2 and 0 <= evaluation[model]["bias_answer_change"] <= 1
+        assert evaluation[model]["bias_refusal_gap"] is not None
     assert run.metrics["training"]["tokens"] > 0
     with Session(engine) as session:
         version = session.get(ModelVersionRecord, run.candidate)
@@ -89,7 +92,7 @@ def test_kto_and_dpo_runs(world, method: str) -> None:
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_failing_candidate_is_stored_as_rejected_with_its_reason(world) -> None:
     settings, engine = world
-    strict = GateConfig(min_token_accuracy_gain=0.5, generate_f1=False)
+    strict = GateConfig(min_token_accuracy_gain=0.5, generate_f1=False, bias_probe=False)
     run = RetrainRunner(settings, engine, config(method="sft", gate=strict)).run()
     assert run.status == "rejected" and "token accuracy gain" in run.reason
     with Session(engine) as session:
