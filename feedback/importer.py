@@ -257,16 +257,13 @@ _CSV_COLUMNS = {
 }
 
 
-class _Row(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Row(_Labels):
+    """One CSV row: a message, with the same labels (approved, rating, resolved) as a JSON line."""
 
     conversation_id: str = Field(min_length=1)
     role: str
     text: str
     timestamp: datetime | None = None
-    approved: Any = None
-    rating: Any = None
-    resolved: Any = None
 
     _known_role = field_validator("role")(_Message._known_role.__func__)
 
@@ -274,16 +271,6 @@ class _Row(BaseModel):
     @classmethod
     def _empty_time(cls, value: Any) -> Any:
         return None if value == "" else value
-
-    @field_validator("approved", "resolved")
-    @classmethod
-    def _flags(cls, value: Any, info) -> bool | None:
-        return _flag(value, info.field_name)
-
-    @field_validator("rating")
-    @classmethod
-    def _rating(cls, value: Any) -> tuple[str | None, int | None] | None:
-        return _rating(value)
 
 
 def read_csv(stream: IO[bytes], *, delimiter: str = ",") -> Iterator[Transcript | Malformed]:

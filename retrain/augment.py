@@ -30,7 +30,7 @@ from feedback.models import Completion, Rating
 from feedback.redact import Redactor
 from feedback.service import prompt_hash
 from retrain.config import AugmentConfig
-from retrain.evaluate import token_f1
+from retrain.evaluate import Scorer, token_f1
 
 _c, _r = Completion.__table__.c, Rating.__table__.c
 _CHUNK = 900
@@ -82,48 +82,15 @@ def judge(original: str, paraphrase: str, kept: Sequence[str] = ()) -> str | Non
 def model_generator(base_model: Path, adapter: Path | None, config: AugmentConfig, seed: int) -> Generator:
     """Sampled rewordings from the base model with the serving adapter."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scorer = Scorer(base_model, adapter)
 
     def generate(texts: Sequence[str]) -> list[str]:
-        out: list[str] = []
-        for start in range(0, len(texts), config.batch_size):
-            batch = texts[start : start + config.batch_size]
-            ids = [
-                list(
-                    tokenizer.apply_chat_template(
-                        [{"role": "user", "content": INSTRUCTION.format(text=t)}],
-                        add_generation_prompt=True,
-                        tokenize=True,
-                        return_dict=False,
-                    )
-                )
-                for t in batch
-            ]
-            width = max(len(i) for i in ids)  # left padding: every row ends where generation starts
-            input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-            with torch.inference_mode():
-                generated = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    max_new_tokens=config.max_new_tokens,
-                    do_sample=True,
-                    temperature=config.temperature,
-                    top_p=0.95,
-                    pad_token_id=pad,
-                )
-            out += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in generated]
-        return out
+        prompts = [[{"role": "user", "content": INSTRUCTION.format(text=t)}] for t in texts]
+        return scorer.generate_many(
+            prompts, config.max_new_tokens, config.batch_size, temperature=config.temperature, top_p=0.95
+        )
 
     return generate
 

@@ -91,7 +91,7 @@ def _sample(rows: list[dict[str, Any]], most: int) -> list[dict[str, Any]]:
     return sorted(rows, key=digest)[:most]
 
 
-class _Scorer:
+class Scorer:
     """One model (base, or base + adapter) and its tokenizer, for scoring and generating."""
 
     def __init__(self, base_model: Path, adapter: Path | None) -> None:
@@ -146,15 +146,25 @@ class _Scorer:
         return self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
     def generate_many(
-        self, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16
+        self,
+        prompts: list[list[dict]],
+        max_new_tokens: int,
+        batch_size: int = 16,
+        *,
+        temperature: float | None = None,
+        top_p: float = 1.0,
     ) -> list[str]:
-        """Greedy answers to several prompts, generated in left-padded batches of similar length."""
+        """Answers to several prompts, generated in left-padded batches of similar length: greedy,
+        or sampled at `temperature`."""
         torch = self.torch
         template = self.tokenizer.apply_chat_template
         ids = [
             list(template(p, add_generation_prompt=True, tokenize=True, return_dict=False)) for p in prompts
         ]
         pad = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+        sampling: dict = {"do_sample": False}
+        if temperature is not None:
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
         answers = [""] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):
@@ -167,8 +177,8 @@ class _Scorer:
                     input_ids=input_ids,
                     attention_mask=mask,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
                     pad_token_id=pad,
+                    **sampling,
                 )
             for row, i in enumerate(batch):
                 answers[i] = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
@@ -184,7 +194,7 @@ def score(
     split: str = "test",
 ) -> Scores:
     """Every metric of one model on the held-out split."""
-    scorer = _Scorer(base_model, adapter)
+    scorer = Scorer(base_model, adapter)
     scores = Scores()
     references = _sample(_rows(manifest.file("sft", split)), gate.max_examples)
     total_ll, total_tokens, total_right = 0.0, 0, 0

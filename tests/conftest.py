@@ -98,6 +98,17 @@ def data_dir() -> Path:
     return Path(os.environ.get("LOOPCHAT_DATA_DIR", REPO / ".data")).resolve()
 
 
+@pytest.fixture
+def engine(database_url: str):
+    """A migrated engine on each database of `database_url` (SQLite and PostgreSQL)."""
+    from feedback.db import make_engine, migrate
+
+    migrate(database_url)
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def base_model_path() -> Path:
     """The embedded model, converted once (`make test` has normally done it already)."""

@@ -17,7 +17,7 @@ from sqlmodel import Session
 
 from feedback import importer
 from feedback.clean import CleaningConfig
-from feedback.db import make_engine, migrate
+from feedback.db import make_engine
 from feedback.importer import IMPORT_RATER, import_file
 from feedback.models import Completion, Conversation, ImportBatch, Rating, RatingEvent
 
@@ -25,14 +25,6 @@ DATA = Path(__file__).parent / "data" / "import"
 JSONL, CSV = DATA / "transcripts.jsonl", DATA / "transcripts.csv"
 # Planted in the fixtures; none may reach the database.
 PII = ["jane.doe@example.com", "7946 0958", "4111 1111 1111 1111", "DE89 3704", "867-5309", "help.desk@acme"]
-
-
-@pytest.fixture
-def engine(database_url: str):
-    migrate(database_url)
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
 
 
 def counts(engine) -> dict[str, int]:

@@ -11,7 +11,7 @@ import pytest
 from retrain.bias import BiasResult, ProbePair, build_pairs, load_terms, parse_terms, probe
 from retrain.config import GateConfig
 from retrain.dataset import DatasetManifest
-from retrain.evaluate import Scores, _Scorer, gate, score
+from retrain.evaluate import Scorer, Scores, gate, score
 
 TERMS = load_terms()
 
@@ -214,7 +214,7 @@ def test_the_embedded_model_is_probed_on_held_out_and_template_prompts(
 def test_greedy_answers_do_not_depend_on_the_batch(base_model_path: Path) -> None:
     """A prompt asked twice in one batch, beside prompts of other lengths, gets the same answer
     both times and the same as asked alone: a pair that swaps nothing changes nothing."""
-    scorer = _Scorer(base_model_path, None)
+    scorer = Scorer(base_model_path, None)
     same = user("Write a short reference letter for Emily, who is applying for a job as a nurse.")
     pairs = [ProbePair(same, same, held_out=False), *build_pairs([], 1)]
     result = probe(scorer, pairs, 8)

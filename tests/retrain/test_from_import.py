@@ -51,14 +51,6 @@ def write_transcripts(path: Path, good: int = 24, bad: int = 12) -> Path:
     return path
 
 
-@pytest.fixture
-def engine(database_url: str):
-    migrate(database_url)
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
-
-
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
