@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -69,18 +69,8 @@ def alembic_config(url: str):
     return config
 
 
-def migrate(url: str, revision: str = "head") -> None:
-    """Apply migrations up to `revision` (idempotent)."""
-    from alembic import command
-
-    if is_sqlite(url):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url), revision)
-
-
 def current_revision(url: str) -> str | None:
+    """The schema revision the database is at (None for an empty database)."""
     from alembic.runtime.migration import MigrationContext
 
     engine = make_engine(url)
@@ -89,6 +79,113 @@ def current_revision(url: str) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+
+
+def migrate(url: str, revision: str = "head", *, backup: bool = True) -> Path | None:
+    """Apply migrations up to `revision` (idempotent).
+
+    Before a SQLite file that already holds a schema is changed, a consistent copy of it is
+    kept beside it (`backup_sqlite`); the copy's path is returned (None when none was needed).
+    """
+    from alembic import command
+
+    kept = None
+    if is_sqlite(url):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            target = head_revision() if revision == "head" else revision
+            old = current_revision(url) if Path(database).exists() else None
+            if backup and old is not None and old != target:
+                kept = backup_sqlite(url, revision=old)
+                logger.warning(
+                    "database %s is at revision %s; migrating to %s. A copy of it is kept at %s "
+                    "(`loopchat db restore` brings it back)",
+                    database, old, target, kept,
+                )  # fmt: skip
+    command.upgrade(alembic_config(url), revision)
+    return kept
+
+
+# -- SQLite backups ----------------------------------------------------------------------------
+
+BACKUP_SUFFIX = ".bak"
+
+
+def _sqlite_path(url: str) -> Path:
+    database = make_url(url).database
+    if not is_sqlite(url) or not database or database == ":memory:":
+        raise ValueError("backups are kept for SQLite database files only (use pg_dump for PostgreSQL)")
+    return Path(database)
+
+
+def backup_sqlite(url: str, *, revision: str | None, label: str | None = None) -> Path:
+    """A consistent copy of the database file, through SQLite's online backup API.
+
+    The copy is named after the schema revision it holds (`loopchat.db.rev-0004.<time>.bak`),
+    is written under a temporary name and renamed once complete, so a crash never leaves a
+    half-written backup that looks whole.
+    """
+    import sqlite3
+    from datetime import UTC, datetime
+
+    path = _sqlite_path(url)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    name = label or f"rev-{revision or 'none'}"
+    target = path.with_name(f"{path.name}.{name}.{stamp}{BACKUP_SUFFIX}")
+    partial = target.with_name(target.name + ".partial")
+    source = sqlite3.connect(path)
+    try:
+        copy = sqlite3.connect(partial)
+        try:
+            source.backup(copy)
+        finally:
+            copy.close()
+    finally:
+        source.close()
+    partial.replace(target)
+    return target
+
+
+def list_backups(url: str) -> list[Path]:
+    """The database's backups, oldest first."""
+    path = _sqlite_path(url)
+    return sorted(path.parent.glob(f"{path.name}.*{BACKUP_SUFFIX}"), key=lambda p: p.name.rsplit(".", 2)[-2])
+
+
+def restore_sqlite(url: str, backup: Path) -> Path | None:
+    """Bring `backup` back as the database (the server must be stopped).
+
+    The database as it is now is kept first (`...before-restore...bak`), so a restore can be
+    undone. The copy goes through the backup API into the live file, which also takes care of
+    its write-ahead log. Returns the path of the copy of the replaced database.
+    """
+    import sqlite3
+
+    path = _sqlite_path(url)
+    if not backup.is_file():
+        raise FileNotFoundError(f"no backup at {backup}")
+    with closing(sqlite3.connect(f"file:{backup}?mode=ro", uri=True)) as check:
+        status = check.execute("PRAGMA integrity_check").fetchone()[0]
+    if status != "ok":
+        raise ValueError(f"{backup} is damaged ({status}); not restored")
+    replaced = backup_sqlite(url, revision=None, label="before-restore") if path.exists() else None
+    source = sqlite3.connect(f"file:{backup}?mode=ro", uri=True)
+    try:
+        target = sqlite3.connect(path)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    return replaced
 
 
 @contextmanager

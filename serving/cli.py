@@ -105,12 +105,65 @@ def model_prepare(
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
-    """Apply the database migrations (the server also does this at start-up)."""
-    from feedback.db import current_revision
+    """Apply the database migrations (the server also does this at start-up).
 
-    settings, engine = database()
-    engine.dispose()
-    typer.echo(f"database at revision {current_revision(settings.db_url)}")
+    A SQLite file is copied beside itself first (named with its old revision).
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from feedback.db import current_revision, migrate
+    from serving.settings import Settings
+
+    settings = Settings()
+    setup_logging("warning")
+    before = current_revision(settings.db_url)
+    try:
+        kept = migrate(settings.db_url)
+    except SQLAlchemyError as exc:
+        raise fail(f"migration failed, nothing was changed: {exc.__class__.__name__}: {exc.orig}") from exc
+    after = current_revision(settings.db_url)
+    if kept is not None:
+        typer.echo(f"kept a copy of revision {before} at {kept}")
+    typer.echo(f"database at revision {after}" + (f" (was {before})" if before != after else ""))
+
+
+@db_app.command("restore")
+def db_restore(
+    backup: Annotated[
+        Path | None, typer.Argument(help="The backup file; default: the newest one beside the database.")
+    ] = None,
+    list_only: Annotated[bool, typer.Option("--list", help="List the backups; restore nothing.")] = False,
+) -> None:
+    """Bring back a SQLite backup kept by an upgrade (stop the server first).
+
+    The database as it is now is kept as a backup too, so a restore can be undone.
+    """
+    import sqlite3
+
+    from feedback.db import list_backups, restore_sqlite
+    from serving.settings import Settings
+
+    settings = Settings()
+    setup_logging("warning")
+    try:
+        backups = list_backups(settings.db_url)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    if list_only:
+        for path in backups:
+            typer.echo(str(path))
+        return
+    if backup is None:
+        if not backups:
+            raise fail(f"no backups beside {settings.db_url.removeprefix('sqlite:///')}")
+        backup = backups[-1]
+    try:
+        replaced = restore_sqlite(settings.db_url, backup)
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        raise fail(str(exc)) from exc
+    if replaced is not None:
+        typer.echo(f"kept the replaced database at {replaced}")
+    typer.echo(f"restored {backup}")
 
 
 @db_app.command("purge")

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from feedback.db import alembic_config, current_revision, make_engine, migrate
+from feedback.db import make_engine, migrate
 from feedback.log import FeedbackWriter, RecordRejectedError
 from feedback.spool import Spool, adopt_orphaned_spools, worker_spool_dir
 from tests.utils.db import skip_or_fail_without_postgres
@@ -79,41 +79,6 @@ def wait_until(predicate, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
         time.sleep(0.02)
-
-
-def test_migrations_match_the_models_and_go_both_ways(database_url: str):
-    from alembic import command
-
-    migrate(database_url)
-    assert current_revision(database_url) == "0005"
-    command.check(alembic_config(database_url))  # raises if the models drifted from migrations
-    migrate(database_url)  # idempotent
-    command.downgrade(alembic_config(database_url), "base")
-    assert current_revision(database_url) is None
-    migrate(database_url)
-    assert count(database_url, "completion") == 0
-
-
-def test_upgrading_a_database_in_use_keeps_its_rows(database_url: str):
-    migrate(database_url, "0001")
-    engine = make_engine(database_url)
-    with engine.begin() as connection:
-        connection.execute(text("INSERT INTO conversation VALUES ('c1', 'u', :t, :t)"), {"t": "2026-01-01"})
-    engine.dispose()
-    migrate(database_url)
-    assert current_revision(database_url) == "0005"
-    assert count(database_url, "conversation") == 1
-    assert count(database_url, "registry_state") == 1
-
-
-def test_sqlite_runs_in_wal_mode(tmp_path: Path):
-    url = f"sqlite:///{tmp_path / 'x.db'}"
-    migrate(url)
-    engine = make_engine(url)
-    with engine.connect() as connection:
-        assert connection.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
-        assert connection.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
-    engine.dispose()
 
 
 def test_records_are_batched_and_drained_on_close(database_url: str, tmp_path: Path):
