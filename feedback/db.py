@@ -19,6 +19,10 @@ logger = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
+class ForeignKeyViolation(RuntimeError):
+    """A migration left rows whose foreign keys point nowhere; it was rolled back."""
+
+
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 

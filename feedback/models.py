@@ -323,3 +323,21 @@ class ImportBatch(SQLModel, table=True):
     errors: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     started_at: datetime = _timestamp(index=True)
     finished_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+class Erasure(SQLModel, table=True):
+    """A deletion that records still waiting in some replica's spool must not undo.
+
+    `db delete-user` leaves one for the user (their key's SHA-256, not the key itself) and
+    `db purge` one for its cut-off; the writer drops any record created before a matching
+    erasure, so a replay after an outage never brings erased data back.
+    """
+
+    __tablename__ = "erasure"
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(max_length=16, index=True)  # user, older_than
+    user_hash: str | None = Field(default=None, max_length=64, index=True)
+    # Records created before this instant are erased.
+    before: datetime = Field(sa_type=DateTime(timezone=True), nullable=False)
+    created_at: datetime = _timestamp()

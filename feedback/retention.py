@@ -2,18 +2,21 @@
 
 Deleting a completion deletes its ratings, rating history and preferences with it (foreign
 keys with ON DELETE CASCADE). Deletes run in chunks so that a large purge never holds the
-database's write lock for long while the service keeps logging.
+database's write lock for long while the service keeps logging. Each erasure also leaves a
+tombstone (`Erasure`) first, so that records still spooled on some replica during an outage
+are dropped when they are replayed instead of bringing the erased data back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, delete, func, or_, select
 
-from feedback.models import Completion, Conversation, Preference, Rating, RatingEvent
+from feedback.models import Completion, Conversation, Erasure, Preference, Rating, RatingEvent
 
 CHUNK = 2000
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
@@ -93,9 +96,25 @@ def _delete_empty_conversations(engine: Engine, condition, *, dry_run: bool) -> 
     return len(ids)
 
 
+def user_hash(user_key: str) -> str:
+    """How an erasure names a user: a hash, so the tombstone keeps no identifier of them."""
+    return hashlib.sha256(user_key.encode()).hexdigest()
+
+
+def _tombstone(engine: Engine, scope: str, before: datetime, user_key: str | None = None) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            Erasure.__table__.insert(),
+            [{"scope": scope, "user_hash": user_key and user_hash(user_key), "before": before,
+              "created_at": datetime.now(UTC)}],
+        )  # fmt: skip
+
+
 def purge_older_than(engine: Engine, age: timedelta, *, dry_run: bool = False) -> Deleted:
     """Delete completions created before now - age (with their ratings), then idle conversations."""
     cutoff = datetime.now(UTC) - age
+    if not dry_run:
+        _tombstone(engine, "older_than", cutoff)
     deleted = _delete_completions(engine, Completion.created_at < cutoff, dry_run=dry_run)
     deleted.conversations = _delete_empty_conversations(
         engine, Conversation.last_active_at < cutoff, dry_run=dry_run
@@ -107,6 +126,8 @@ def delete_user(engine: Engine, user_key: str, *, dry_run: bool = False) -> Dele
     """Erase a user: their conversations and completions, and every rating they gave."""
     if not user_key:
         raise ValueError("a user key is required (anonymous data is removed by age only)")
+    if not dry_run:
+        _tombstone(engine, "user", datetime.now(UTC), user_key)
     deleted = Deleted()
     with engine.begin() as connection:
         # Their ratings of other people's (or anonymous) completions; those of their own

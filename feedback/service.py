@@ -7,6 +7,8 @@ the rater, then wait until the writer has committed or spooled the rating.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -14,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, select
@@ -32,6 +34,7 @@ from feedback.protocol import (
     PreferenceRequest,
     PreferenceResponse,
 )
+from feedback.spool import SpoolFullError
 from serving.errors import APIError, bad_request
 from serving.settings import FeedbackSettings
 
@@ -51,6 +54,9 @@ class CompletionRef:
     model_version: str = ""
     variant: str = ""
     site: str | None = None
+    # Resolves once the completion's record is queued (after redaction): a rating waits for it,
+    # so that it never reaches the database before the completion it rates.
+    logged: concurrent.futures.Future | None = field(default=None, compare=False)
 
 
 class RecentCompletions:
@@ -124,7 +130,7 @@ class FeedbackService:
         first = result.first_token_at
         user_key = chat.user or ANONYMOUS
         hashed = prompt_hash(chat.messages)
-        self._writer.submit(
+        logged = self._writer.submit(
             {
                 "kind": "completion",
                 "id": chat.completion_id,
@@ -152,7 +158,8 @@ class FeedbackService:
             }
         )
         self.recent.add(
-            chat.completion_id, CompletionRef(user_key, hashed, chat.version.name, chat.variant, chat.site)
+            chat.completion_id,
+            CompletionRef(user_key, hashed, chat.version.name, chat.variant, chat.site, logged),
         )
 
     # -- ratings -------------------------------------------------------------------------------
@@ -234,6 +241,8 @@ class FeedbackService:
         # Anonymous completions can be rated by whoever holds their (unguessable) id.
         if ref is None or ref.site != site or (ref.user_key != ANONYMOUS and ref.user_key != user_key):
             raise APIError(404, f"No completion `{completion_id}`.", param=param, code="completion_not_found")
+        if ref.logged is not None and not ref.logged.done():
+            await asyncio.wrap_future(ref.logged)
         return ref
 
     def _lookup(self, completion_id: str) -> CompletionRef | None:
@@ -321,7 +330,7 @@ class FeedbackService:
     async def _store(self, record: dict[str, Any]) -> None:
         try:
             await self._writer.submit_and_wait(record)
-        except QueueFullError:
+        except (QueueFullError, SpoolFullError):
             raise _unavailable() from None
         except RecordRejectedError:
             raise APIError(409, "the rating could not be stored", code="feedback_rejected") from None

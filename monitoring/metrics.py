@@ -210,7 +210,8 @@ class FeedbackMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.records = Counter(
             "loopchat_feedback_records",
-            "Log and rating records by outcome (written, spooled, replayed, rejected)",
+            "Log and rating records by outcome (written, spooled, replayed, rejected; dropped when the "
+            "spool is full too; erased when a replay finds them deleted meanwhile)",
             ["outcome"],
             registry=registry,
         )
@@ -229,6 +230,18 @@ class FeedbackMetrics:
         self.spooled = Gauge(
             "loopchat_feedback_spool_records",
             "Records waiting in the on-disk spool",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.queue_bytes = Gauge(
+            "loopchat_feedback_queue_bytes",
+            "Bytes of text waiting for the writer (bounded by feedback.queue_bytes)",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.spool_bytes = Gauge(
+            "loopchat_feedback_spool_bytes",
+            "Size of the on-disk spool (capped by feedback.max_spool_bytes)",
             registry=registry,
             multiprocess_mode="livesum",
         )
@@ -257,6 +270,8 @@ class FeedbackMetrics:
         """Sample the writer's queue, spool and health."""
         live.add(self.queue_depth, lambda: writer.pending)
         live.add(self.spooled, lambda: len(writer.spool))
+        live.add(self.queue_bytes, lambda: writer.pending_bytes)
+        live.add(self.spool_bytes, lambda: writer.spool.size_bytes)
         live.add(self.database_up, lambda: float(writer.healthy))
 
     def on_batch(self, outcome: str, count: int, seconds: float) -> None:

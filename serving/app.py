@@ -131,7 +131,11 @@ async def _start_feedback(app: FastAPI, settings: Settings, registry: CollectorR
         batch_size=options.batch_size,
         flush_interval=options.flush_interval_ms / 1000,
         queue_size=options.queue_size,
+        queue_bytes=options.queue_bytes,
+        max_spool_bytes=options.max_spool_bytes,
+        redact_workers=options.redact_workers,
         retry_interval=options.retry_interval_s,
+        rejected_retention_s=options.rejected_retention_days * 86400,
         on_batch=metrics.on_batch,
     )
     if settings.auto_migrate:

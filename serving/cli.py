@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from retrain.cli import demo, retrain, runs_app
-from serving.cli_common import database, fail, setup_logging
+from serving.cli_common import database, database_failure, fail, setup_logging
 from serving.cli_import import import_transcripts, imports_app
 from serving.cli_keys import keys_app
 from serving.cli_registry import ab_app, adapters_app
@@ -111,17 +111,19 @@ def db_upgrade() -> None:
     """
     from sqlalchemy.exc import SQLAlchemyError
 
-    from feedback.db import current_revision, migrate
+    from feedback.db import ForeignKeyViolation, current_revision, migrate
     from serving.settings import Settings
 
     settings = Settings()
     setup_logging("warning")
-    before = current_revision(settings.db_url)
     try:
+        before = current_revision(settings.db_url)
         kept = migrate(settings.db_url)
+        after = current_revision(settings.db_url)
     except SQLAlchemyError as exc:
-        raise fail(f"migration failed, nothing was changed: {exc.__class__.__name__}: {exc.orig}") from exc
-    after = current_revision(settings.db_url)
+        raise database_failure(settings.db_url, exc) from exc
+    except ForeignKeyViolation as exc:
+        raise fail(str(exc)) from exc
     if kept is not None:
         typer.echo(f"kept a copy of revision {before} at {kept}")
     typer.echo(f"database at revision {after}" + (f" (was {before})" if before != after else ""))
@@ -171,17 +173,23 @@ def db_purge(
     older_than: Annotated[str, typer.Option(help="Age to keep, e.g. 90d, 12h, 2w.")],
     dry_run: Annotated[bool, typer.Option(help="Count what would be deleted; delete nothing.")] = False,
 ) -> None:
-    """Delete completions (with their ratings) and conversations older than a cut-off."""
+    """Delete completions (with their ratings) and conversations older than a cut-off.
+
+    Also spool/rejected/ files older than it; spooled records older than it are dropped on replay.
+    """
     from feedback.retention import parse_duration, purge_older_than
 
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
         raise fail(str(exc)) from exc
-    _, engine = database()
+    from feedback.spool import purge_rejected
+
+    settings, engine = database()
     deleted = purge_older_than(engine, age, dry_run=dry_run)
     engine.dispose()
-    typer.echo(f"{'would delete' if dry_run else 'deleted'}: {deleted}")
+    rejected = purge_rejected(settings.spool_dir, age.total_seconds(), dry_run=dry_run)
+    typer.echo(f"{'would delete' if dry_run else 'deleted'}: {deleted}, {rejected} rejected spool files")
 
 
 @db_app.command("delete-user")
@@ -189,15 +197,22 @@ def db_delete_user(
     user: Annotated[str, typer.Argument(help="The user key (the chat requests' `user` field).")],
     dry_run: Annotated[bool, typer.Option(help="Count what would be deleted; delete nothing.")] = False,
 ) -> None:
-    """Erase one user's conversations, completions and ratings."""
+    """Erase one user's conversations, completions and ratings (also from spool/rejected/).
+
+    A tombstone is kept (a hash of the key), so records of theirs still spooled on a replica
+    during an outage are dropped when replayed instead of bringing the user back.
+    """
     from feedback.retention import delete_user
 
     if not user:
         raise fail("a user key is required")
-    _, engine = database()
+    from feedback.spool import erase_user_from_rejected
+
+    settings, engine = database()
     deleted = delete_user(engine, user, dry_run=dry_run)
     engine.dispose()
-    typer.echo(f"{'would delete' if dry_run else 'deleted'}: {deleted}")
+    rejected = erase_user_from_rejected(settings.spool_dir, user, dry_run=dry_run)
+    typer.echo(f"{'would delete' if dry_run else 'deleted'}: {deleted}, {rejected} rejected spool records")
 
 
 @app.command("export")

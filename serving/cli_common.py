@@ -29,7 +29,10 @@ def database():
     try:
         migrate(settings.db_url)
     except SQLAlchemyError as exc:
-        raise fail(
-            f"database {settings.db_url.split('@')[-1]}: {exc.__class__.__name__}: {exc.orig}"
-        ) from exc
+        raise database_failure(settings.db_url, exc) from exc
     return settings, make_engine(settings.db_url)
+
+
+def database_failure(url: str, exc: Exception) -> typer.Exit:
+    """The error exit for a database that failed, naming it without its credentials."""
+    return fail(f"database {url.split('@')[-1]}: {exc.__class__.__name__}: {getattr(exc, 'orig', exc)}")

@@ -14,14 +14,10 @@ from sqlalchemy import event, text
 from sqlmodel import SQLModel
 
 import feedback.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from feedback.db import is_sqlite, make_engine
+from feedback.db import ForeignKeyViolation, is_sqlite, make_engine
 
 config = context.config
 target_metadata = SQLModel.metadata
-
-
-class ForeignKeyViolation(RuntimeError):
-    """A migration left rows whose foreign keys point nowhere; it was rolled back."""
 
 
 def run_migrations_offline() -> None:

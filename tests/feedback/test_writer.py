@@ -168,7 +168,7 @@ def test_replaying_a_batch_twice_adds_nothing(database_url: str, tmp_path: Path)
     assert count(database_url, "rating_event") == 1
 
 
-def test_spool_drops_a_torn_last_line(tmp_path: Path):
+def test_spool_reads_past_a_torn_last_line(tmp_path: Path):
     spool = Spool(tmp_path)
     spool.append([{"kind": "a"}, {"kind": "b"}])
     path = spool.files()[0]
@@ -176,7 +176,9 @@ def test_spool_drops_a_torn_last_line(tmp_path: Path):
         handle.write('{"kind": "c"')  # the process died mid-write
     reopened = Spool(tmp_path)
     assert len(reopened) == 2
-    assert [r["kind"] for r in reopened.read(path)] == ["a", "b"]
+    records, bad = reopened.read(path)
+    assert [r["kind"] for r in records] == ["a", "b"]
+    assert [(line.number, line.raw) for line in bad] == [(3, '{"kind": "c"')]
 
 
 def test_a_worker_takes_over_the_spools_nobody_runs(database_url: str, tmp_path: Path):
