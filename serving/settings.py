@@ -6,10 +6,12 @@ variables, a YAML file named by LOOPCHAT_CONFIG_FILE, then the defaults below.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -23,7 +25,24 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 # The alias clients use to get whichever model version is active (A/B routing plugs in here).
 ALIAS_MODEL = "loopchat"
 
-_PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "admin", "password", "token", "test"}
+_PLACEHOLDER_SECRETS = {
+    "", "changeme", "change-me", "secret", "admin", "password", "token", "test",
+    "replace_me", "replace-me", "replaceme",
+}  # fmt: skip
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this machine only: 127.0.0.0/8, ::1, localhost."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False  # another host name (or "" for every address): assume the network sees it
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 class EngineSettings(BaseSettings):
@@ -84,6 +103,25 @@ class FeedbackSettings(BaseSettings):
     queue_size: int = Field(
         100_000, ge=100, description="Records held in memory before logging spills to the spool."
     )
+    queue_bytes: int = Field(
+        256 * 2**20,
+        ge=2**20,
+        description="Bytes of text held in memory before logging spills to the spool (with queue_size).",
+    )
+    redact_workers: int = Field(
+        2, ge=1, le=64, description="Threads that redact records before they are queued."
+    )
+    max_spool_bytes: int = Field(
+        2**30,
+        ge=2**20,
+        description="Size cap of the on-disk spool; past it ratings get 503 and log records are dropped "
+        "(counted in loopchat_feedback_records_total{outcome=\"dropped\"}).",
+    )
+    rejected_retention_days: float = Field(
+        30,
+        gt=0,
+        description="How long records the database refused stay in spool/rejected/ for inspection.",
+    )
     retry_interval_s: float = Field(
         5, gt=0, description="How often the writer retries the database after an outage."
     )
@@ -127,7 +165,9 @@ class AccessSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid")
 
     require_keys: bool | None = Field(
-        None, description="Refuse /v1 requests without a key. None: required outside development."
+        None,
+        description="Refuse /v1 requests without a key. None: required outside development. "
+        "Development mode binds a non-loopback host only with this set to true.",
     )
     key_requests_per_minute: int = Field(
         600, ge=1, description="A key's request rate unless it sets its own."
@@ -243,13 +283,37 @@ class Settings(BaseSettings):
         return value.expanduser().resolve()
 
     @model_validator(mode="after")
+    def _refuse_open_development_server(self) -> Settings:
+        # Development mode needs no API key on /v1: on an address other machines reach, that
+        # would hand the model (and everyone's logged conversations) to the network.
+        if (
+            self.environment == "development"
+            and self.access.require_keys is not True
+            and not is_loopback(self.host)
+        ):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address, and development mode serves /v1 "
+                "without API keys. Either require keys (access.require_keys: true, "
+                "LOOPCHAT_ACCESS__REQUIRE_KEYS=true; create them with `loopchat keys create`), "
+                "run in production (LOOPCHAT_ENVIRONMENT=production), or bind 127.0.0.1"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
-        if self.environment != "development" and self.admin_token is not None:
+        exposed = self.environment != "development" or not is_loopback(self.host)
+        if exposed and self.admin_token is not None:
             token = self.admin_token.get_secret_value()
             if token.lower() in _PLACEHOLDER_SECRETS or len(token) < 16:
                 raise ValueError(
                     "admin_token is a placeholder or shorter than 16 characters; "
-                    "set a real secret outside development"
+                    "set a real secret outside development or on a non-loopback host"
+                )
+        if self.environment != "development" and self.database_url:
+            password = urlsplit(self.database_url).password
+            if password is not None and password.lower() in _PLACEHOLDER_SECRETS:
+                raise ValueError(
+                    "database_url has a placeholder password; set the database's real one outside development"
                 )
         return self
 

@@ -4,7 +4,9 @@ config and rules (promtool), Grafana provisioning, and every LOOPCHAT_* variable
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from feedback.log import FeedbackWriter
 from monitoring.dashboards import DASHBOARDS
 from retrain.config import load_config
 from serving.experiment_spec import load_specs
@@ -49,16 +52,26 @@ def test_kustomization_lists_every_manifest() -> None:
     assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S)
 
 
+def k8s_by_name() -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in k8s_objects()}
+
+
 def test_kubernetes_objects_fit_together() -> None:
-    objects = {(o["kind"], o["metadata"]["name"]): o for o in k8s_objects()}
-    deployment = objects[("Deployment", "loopchat")]
-    pod = deployment["spec"]["template"]["spec"]
+    objects = k8s_by_name()
+    servers = objects[("StatefulSet", "loopchat")]
+    pod = servers["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert deployment["spec"]["replicas"] >= 2
+    assert servers["spec"]["replicas"] >= 2
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    # Both Services select the Deployment's pods and reach its named port.
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    # Both Services select the servers' pods and reach its named port; the headless one is the
+    # StatefulSet's governing Service.
+    labels = servers["spec"]["template"]["metadata"]["labels"]
+    governing = objects[("Service", servers["spec"]["serviceName"])]["spec"]
+    assert governing["clusterIP"] == "None"
+    assert servers["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    budget = objects[("PodDisruptionBudget", "loopchat")]["spec"]
+    assert budget["selector"]["matchLabels"].items() <= labels.items()
     for name in ("loopchat", "loopchat-pods"):
         service = objects[("Service", name)]["spec"]
         assert service["selector"].items() <= labels.items()
@@ -81,7 +94,7 @@ def test_kubernetes_objects_fit_together() -> None:
             assert (kind, ref["name"]) in objects
     claim = objects[("PersistentVolumeClaim", "loopchat-adapters")]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    annotations = servers["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
@@ -139,10 +152,12 @@ def setting_exists(variable: str) -> bool:
     return True
 
 
-def dockerfile_env() -> dict[str, str]:
+def dockerfile_env(*dockerfiles: Path) -> dict[str, str]:
+    """The ENV variables the Dockerfiles set (both images' unless named), comments skipped."""
     env: dict[str, str] = {}
-    for docker in (DEPLOY / "docker").glob("Dockerfile.*"):
-        for line in docker.read_text().replace("\\\n", " ").splitlines():
+    for docker in dockerfiles or sorted((DEPLOY / "docker").glob("Dockerfile.*")):
+        lines = [line for line in docker.read_text().splitlines() if not line.lstrip().startswith("#")]
+        for line in "\n".join(lines).replace("\\\n", " ").splitlines():
             if line.startswith("ENV "):
                 env.update(pair.split("=", 1) for pair in line[4:].split() if "=" in pair)
     return env
@@ -154,6 +169,11 @@ def test_every_loopchat_variable_is_a_setting(monkeypatch: pytest.MonkeyPatch, t
         if o["kind"] in ("ConfigMap", "Secret"):
             values = o.get("data") or o.get("stringData") or {}
             kubernetes.update({k: str(v) for k, v in values.items() if k.startswith("LOOPCHAT_")})
+        for container in (o.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []):
+            for variable in container.get("env") or []:
+                if variable["name"].startswith("LOOPCHAT_") and "value" in variable:
+                    kubernetes[variable["name"]] = str(variable["value"])
+    assert "LOOPCHAT_FEEDBACK__MAX_SPOOL_BYTES" in kubernetes
     named = {**kubernetes, **compose()["services"]["loopchat"]["environment"], **dockerfile_env()}
     loopchat = [k for k in named if k.startswith("LOOPCHAT_")]
     assert len(loopchat) >= 10
@@ -167,9 +187,75 @@ def test_every_loopchat_variable_is_a_setting(monkeypatch: pytest.MonkeyPatch, t
     with pytest.raises(ValueError, match="admin_token is a placeholder"):
         Settings()
     monkeypatch.setenv("LOOPCHAT_ADMIN_TOKEN", "a-real-token-of-32-characters-xx")
+    # So is the placeholder password of the Secret's database URL.
+    with pytest.raises(ValueError, match="database_url has a placeholder password"):
+        Settings()
+    database_url = kubernetes["LOOPCHAT_DATABASE_URL"].replace("REPLACE_ME", "a-real-password")
+    monkeypatch.setenv("LOOPCHAT_DATABASE_URL", database_url)
     settings = Settings()
     assert settings.environment == "production" and settings.ab.experiments_file is not None
     assert settings.db_url.startswith("postgresql+psycopg://")
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_images_run_in_production(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The images listen on every address: in production, so /v1 needs API keys; the same
+    variables in development mode refuse to start instead of serving without keys."""
+    env = dockerfile_env(DEPLOY / "docker" / name)
+    assert env["LOOPCHAT_ENVIRONMENT"] == "production"
+    for key, value in env.items():
+        if key.startswith("LOOPCHAT_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LOOPCHAT_DATA_DIR", str(tmp_path))
+    settings = Settings()
+    assert settings.environment == "production" and settings.host == "0.0.0.0"
+    assert settings.keys_required
+    monkeypatch.setenv("LOOPCHAT_ENVIRONMENT", "development")
+    with pytest.raises(ValueError, match="not a loopback address"):
+        Settings()
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes storage quantity (2Gi, 500M, 1073741824) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G)?", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * units.get(unit or "", 1)
+
+
+def test_each_replica_keeps_its_spool_on_its_own_volume() -> None:
+    """The spool of records acknowledged during a database outage lives on a claim per replica
+    (not the pod's emptyDir), so it survives the pod's restart and rescheduling, and the spool's
+    cap leaves room on that volume."""
+    servers = k8s_by_name()[("StatefulSet", "loopchat")]["spec"]
+    pod = servers["template"]["spec"]
+    container = pod["containers"][0]
+    spool_dir = Settings(data_dir=dockerfile_env()["LOOPCHAT_DATA_DIR"]).spool_dir
+    mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == spool_dir)
+    assert mount["name"] not in {v["name"] for v in pod["volumes"]}
+    claim = next(c for c in servers["volumeClaimTemplates"] if c["metadata"]["name"] == mount["name"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    size = quantity_bytes(claim["spec"]["resources"]["requests"]["storage"])
+    retention = servers["persistentVolumeClaimRetentionPolicy"]
+    assert retention == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    cap = int(env["LOOPCHAT_FEEDBACK__MAX_SPOOL_BYTES"])
+    assert size // 2 <= cap <= size * 0.9  # used, with headroom for the filesystem's own reserve
+
+
+def test_grace_period_covers_prestop_and_both_drains() -> None:
+    """Kubernetes kills a pod terminationGracePeriodSeconds after preStop starts: that covers the
+    preStop sleep, the HTTP drain after SIGTERM and the log writer's drain after it."""
+    found = re.search(r'"timeout_graceful_shutdown": (\d+)', (REPO / "serving" / "cli.py").read_text())
+    assert found, "serve's HTTP drain timeout moved: read it from its new place here"
+    http_drain = int(found[1])
+    writer_drain = inspect.signature(FeedbackWriter.close).parameters["timeout"].default
+    pod = k8s_by_name()[("StatefulSet", "loopchat")]["spec"]["template"]["spec"]
+    sleep, seconds = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep == "sleep"
+    assert pod["terminationGracePeriodSeconds"] >= int(seconds) + http_drain + writer_drain + 5
+    # compose has no preStop: SIGTERM comes first.
+    stop = compose()["services"]["loopchat"]["stop_grace_period"]
+    assert int(stop.removesuffix("s")) >= http_drain + writer_drain + 5
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from serving.settings import Settings
 
@@ -24,11 +25,14 @@ def test_env_prefix_and_nested_engine_options(monkeypatch, tmp_path: Path) -> No
 
 def test_yaml_file_with_env_override(monkeypatch, tmp_path: Path) -> None:
     config = tmp_path / "loopchat.yaml"
-    config.write_text("port: 8100\nhost: 0.0.0.0\nengine:\n  max_model_len: 1024\n  max_loras: 2\n")
+    config.write_text(
+        "port: 8100\nhost: 0.0.0.0\naccess:\n  require_keys: true\n"
+        "engine:\n  max_model_len: 1024\n  max_loras: 2\n"
+    )
     monkeypatch.setenv("LOOPCHAT_CONFIG_FILE", str(config))
     monkeypatch.setenv("LOOPCHAT_PORT", "8200")
     settings = Settings()
-    assert settings.host == "0.0.0.0"
+    assert settings.host == "0.0.0.0" and settings.keys_required
     assert settings.port == 8200
     assert settings.engine.max_model_len == 1024 and settings.engine.max_loras == 2
 
@@ -59,3 +63,73 @@ def test_cpu_kv_cache_space_takes_whole_gib(monkeypatch, tmp_path: Path) -> None
     monkeypatch.setenv("LOOPCHAT_ENGINE__KV_CACHE_SPACE_GIB", "0.5")
     with pytest.raises(ValidationError, match="kv_cache_space_gib"):
         Settings(data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "[2001:db8::1]", "chat.example", ""])
+@pytest.mark.parametrize("require_keys", [None, False])
+def test_development_refuses_a_host_the_network_reaches(host: str, require_keys: bool | None) -> None:
+    # Development serves /v1 without keys: on such a host the model would be open to anyone.
+    with pytest.raises(ValidationError, match="not a loopback address") as refused:
+        Settings(environment="development", host=host, access={"require_keys": require_keys})
+    message = str(refused.value)
+    assert "LOOPCHAT_ACCESS__REQUIRE_KEYS=true" in message and "LOOPCHAT_ENVIRONMENT=production" in message
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "127.0.1.1", "::1", "[::1]", "::ffff:127.0.0.1", "localhost", "LocalHost"]
+)
+def test_development_binds_loopback_without_keys(host: str) -> None:
+    settings = Settings(environment="development", host=host)
+    assert settings.host == host and not settings.keys_required
+
+
+def test_development_binds_any_host_once_keys_are_required(monkeypatch) -> None:
+    monkeypatch.setenv("LOOPCHAT_HOST", "0.0.0.0")
+    with pytest.raises(ValidationError, match="not a loopback address"):
+        Settings(environment="development")
+    monkeypatch.setenv("LOOPCHAT_ACCESS__REQUIRE_KEYS", "true")
+    settings = Settings(environment="development")
+    assert settings.host == "0.0.0.0" and settings.keys_required
+
+
+def test_development_on_a_network_host_refuses_a_placeholder_admin_token() -> None:
+    access = {"require_keys": True}
+    with pytest.raises(ValidationError, match="admin_token is a placeholder"):
+        Settings(environment="development", host="0.0.0.0", access=access, admin_token="admin")
+    assert Settings(environment="development", host="127.0.0.1", admin_token="admin").admin_token
+    token = "x" * 32
+    assert Settings(environment="development", host="0.0.0.0", access=access, admin_token=token).admin_token
+
+
+@pytest.mark.parametrize("require_keys", [None, True, False])
+def test_production_binds_any_host_as_before(require_keys: bool | None) -> None:
+    settings = Settings(environment="production", host="0.0.0.0", access={"require_keys": require_keys})
+    assert settings.keys_required is (require_keys is not False)
+
+
+def test_serve_on_a_network_host_in_development_stops_before_starting(monkeypatch, tmp_path: Path) -> None:
+    from serving.cli import app
+
+    for variable in ("ENVIRONMENT", "HOST", "ACCESS__REQUIRE_KEYS", "CONFIG_FILE"):
+        monkeypatch.delenv(f"LOOPCHAT_{variable}", raising=False)
+    monkeypatch.setenv("LOOPCHAT_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", "1"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ValueError)
+    assert "'0.0.0.0' is not a loopback address" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []  # nothing was started or created
+
+
+@pytest.mark.parametrize("password", ["REPLACE_ME", "changeme", "password", ""])
+def test_placeholder_database_password_refused_in_production(password: str) -> None:
+    url = f"postgresql+psycopg://loopchat:{password}@postgres:5432/loopchat"
+    with pytest.raises(ValidationError, match="database_url has a placeholder password"):
+        Settings(environment="production", database_url=url)
+    assert Settings(environment="development", database_url=url).database_url == url
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql+psycopg://loopchat:a-real-password@postgres/loopchat", "postgresql+psycopg://loopchat@db/x"]
+)
+def test_real_or_no_database_password_accepted_in_production(url: str) -> None:
+    assert Settings(environment="production", database_url=url).db_url == url
