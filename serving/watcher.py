@@ -93,6 +93,16 @@ class RegistryWatcher:
             self._metrics.registry_revision.set(revision)
             return True
 
+    async def register(
+        self, name: str, path: Path, *, base_model: Path, info: VersionInfo | None = None
+    ) -> ModelVersionRecord:
+        """`register_adapter` from this process, with no sync in between: the version is loaded
+        here before it is recorded, and a sync reading the registry meanwhile would unload it."""
+        async with self._lock:
+            return await register_adapter(
+                self._database, self._adapters, name, path, base_model=base_model, info=info
+            )
+
     async def _reconcile(self, versions: list[ModelVersionRecord]) -> None:
         adapters = self._adapters
         wanted = {v.name: v for v in versions}

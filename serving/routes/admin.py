@@ -28,7 +28,7 @@ from serving.registry import (
     list_versions,
     retire_version,
 )
-from serving.watcher import RegistryWatcher, register_adapter
+from serving.watcher import RegistryWatcher
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep, ReadyDep])
 
@@ -61,7 +61,7 @@ async def list_adapters(
 
 @router.post("/adapters", status_code=201, response_model=ModelCard, responses=_ERRORS)
 async def load_adapter(
-    body: AdapterLoadRequest, adapters: AdaptersDep, database: DatabaseDep, settings: SettingsDep
+    body: AdapterLoadRequest, adapters: AdaptersDep, watcher: WatcherDep, settings: SettingsDep
 ) -> ModelCard:
     """Register a LoRA adapter as a new model version (status candidate): it is loaded here
     first, so a broken adapter is refused with nothing stored; every replica then loads it."""
@@ -70,7 +70,7 @@ async def load_adapter(
         raise bad_request(f"adapter folder {body.path} does not exist", param="path")
     info = VersionInfo(body.parent, body.dataset_version, body.training_run, body.metrics)
     try:
-        await register_adapter(database, adapters, body.name, path, base_model=settings.model_path, info=info)
+        await watcher.register(body.name, path, base_model=settings.model_path, info=info)
     except AdapterConflictError as exc:
         raise APIError(409, str(exc), param="name") from exc
     except AdapterLoadError as exc:

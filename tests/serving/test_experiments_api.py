@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,11 +15,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from sqlmodel import Session
 
 from feedback.db import make_engine
 from feedback.models import Completion, Conversation, Rating
 from serving.app import create_app
 from serving.experiments import ExperimentService
+from serving.registry import bump_revision, register_version
 from serving.settings import ABSettings, MonitoringSettings, Settings
 from tests.conftest import wait_ready
 from tests.utils.adapters import make_adapter_dir
@@ -71,6 +75,12 @@ def wait_until(predicate, timeout: float = 10.0, step: float = 0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(step)
+
+
+def routing_revision(client: TestClient) -> float | None:
+    """The registry revision a process routes by, as its metrics report it."""
+    found = re.search(r"^loopchat_registry_revision (\S+)$", client.get("/metrics/").text, re.MULTILINE)
+    return float(found.group(1)) if found else None
 
 
 def rows(url: str, sql: str, **params) -> list[dict]:
@@ -163,6 +173,38 @@ def test_an_adapter_for_another_base_is_refused_and_nothing_is_stored(
         assert "x" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
 
 
+def test_a_version_registered_while_the_registry_changes_elsewhere_stays_loaded(
+    ab_settings: Settings, admin_headers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The registration is held after v1 is loaded here and before it is recorded.
+    recording, release = threading.Event(), threading.Event()
+
+    def held(**kwargs):
+        recording.set()
+        release.wait(10)
+        return register_version(**kwargs)
+
+    monkeypatch.setattr("serving.watcher.register_version", held)
+    engine = FakeEngine()
+    with app_client(ab_settings, engine) as client, ThreadPoolExecutor(1) as pool:
+        registering = pool.submit(register, client, admin_headers, "v1", tmp_path / "v1")
+        assert recording.wait(10)
+        # Another replica changes the registry meanwhile; this one's polls must not take v1,
+        # loaded but not yet recorded, for a version the registry took out of service.
+        other = make_engine(ab_settings.db_url)
+        with Session(other) as session:
+            bump_revision(session)
+            session.commit()
+        other.dispose()
+        time.sleep(5 * ab_settings.ab.poll_interval_s)
+        release.set()
+        registering.result(timeout=10)
+        listed = client.get("/admin/adapters", headers=admin_headers).json()["data"]
+        assert [(v["name"], v["loaded"]) for v in listed] == [("v1", True)]
+        assert [spec.name for spec in engine.adapters.values()] == ["v1"]
+        assert "v1" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+
 # -- experiments -------------------------------------------------------------------------------
 
 
@@ -224,11 +266,14 @@ def test_a_guardrail_breach_is_rolled_back_within_one_evaluation_interval(
             "monitoring": MonitoringSettings(database_refresh_s=0.2),
         }
     )
+    minimum = 20
     engine = FakeEngine()
     engine.failing_adapters.add("v1")
     with app_client(settings, engine) as client:
         register(client, admin_headers, "v1", tmp_path / "v1")
-        start(client, admin_headers, policy={"guardrail_min_requests": 20, "max_error_rate": 0.05})
+        start(client, admin_headers, policy={"guardrail_min_requests": minimum, "max_error_rate": 0.05})
+        # No evaluation can roll the candidate back before it has served the guardrail's minimum,
+        # so every answer up to the breach is routed by the running experiment.
         on_candidate = 0
         for i in range(400):
             response = client.post(
@@ -240,9 +285,9 @@ def test_a_guardrail_breach_is_rolled_back_within_one_evaluation_interval(
                 on_candidate += 1
             else:
                 assert response.headers["x-loopchat-variant"] == "control"
-            if on_candidate == 25:
+            if on_candidate == minimum:
                 break
-        assert on_candidate == 25
+        assert on_candidate == minimum
         breached_at = time.monotonic()
         status = wait_until(
             lambda: (
@@ -258,7 +303,7 @@ def test_a_guardrail_breach_is_rolled_back_within_one_evaluation_interval(
         report = client.get("/admin/experiments/exp1", headers=admin_headers).json()
         last = report["decisions"][-1]
         assert (last["action"], last["actor"], last["variant"]) == ("rollback", "auto", "cand")
-        assert "error rate" in last["reason"] and last["numbers"]["outcomes"]["cand"]["errors"] >= 20
+        assert "error rate" in last["reason"] and last["numbers"]["outcomes"]["cand"]["errors"] >= minimum
         assert last["weights_after"] == {"control": 100.0, "cand": 0.0}
         versions = client.get("/admin/adapters", headers=admin_headers).json()["data"]
         assert versions[0]["status"] == "rejected"
@@ -423,14 +468,13 @@ def test_a_version_a_replica_cannot_load_goes_to_control_there_and_loads_when_it
         b.app.state.watcher.retry_failed_s = 0.2
         register(a, admin_headers, "v1", tmp_path / "v1")
         start(a, admin_headers, variants=[{"name": "cand", "version": "v1", "weight": 100}])
-        assert wait_until(lambda: chat(a, "alice")["x-loopchat-model-version"] == "v1")
+        assert chat(a, "alice")["x-loopchat-model-version"] == "v1"
+        # B may have polled between the registration and the start (v1 failed to load, no
+        # experiment yet): it routes by the experiment once it has applied A's revision.
+        assert wait_until(lambda: routing_revision(b) == routing_revision(a))
 
         # Replica B could not load v1: its requests go to the control, and it says so.
-        def b_versions() -> list[dict]:
-            return b.get("/admin/adapters", headers=admin_headers).json()["data"]
-
-        assert wait_until(lambda: b_versions() and b_versions()[0]["load_error"])
-        listed = b_versions()[0]
+        listed = b.get("/admin/adapters", headers=admin_headers).json()["data"][0]
         assert not listed["loaded"] and "not readable here" in listed["load_error"]
         headers = chat(b, "alice")
         assert (headers["x-loopchat-model-version"], headers["x-loopchat-variant"]) == (
