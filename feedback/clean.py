@@ -55,18 +55,23 @@ _HTML_TAG = re.compile(
     re.IGNORECASE,
 )
 _ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});")
+_HIDDEN = frozenset(("script", "style", "head"))
 _BLOCK = ("p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre", "table", "ul")
 _BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
 _SPACES = re.compile(r"[ \t\u00a0]+")
 
 # A sign-off: a valediction alone on its line, then at most a few short lines (name, title, team).
+# Both are matched against the stripped line, so neither ends in optional whitespace: `\s*[,.!]?\s*$`
+# would split a long run of spaces between two optional runs every possible way (quadratic:
+# seconds for 50k characters). Here each run is followed by a letter or a punctuation mark, so a
+# line that is no sign-off fails after one pass per alternative.
 _VALEDICTION = re.compile(
-    r"^\s*(?:(?:best|kind|warm|warmest|many)\s+(?:regards|wishes)|regards|best|cheers|sincerely"
+    r"(?:(?:best|kind|warm|warmest|many)\s+(?:regards|wishes)|regards|best|cheers|sincerely"
     r"|yours(?:\s+(?:truly|sincerely))?|thanks(?:\s+again)?|thank\s+you|many\s+thanks|all\s+the\s+best"
-    r"|take\s+care|with\s+thanks)\s*[,.!]?\s*$",
+    r"|take\s+care|with\s+thanks)(?:\s*[,.!])?",
     re.IGNORECASE,
 )
-_SEPARATOR = re.compile(r"^\s*(?:--|__+|—)\s*$")
+_SEPARATOR = re.compile(r"--|__+|—")
 _SENT_FROM = re.compile(r"^\s*sent from my \w+", re.IGNORECASE)
 _SIGNATURE_LINES = 4  # lines after a valediction that may still be the signature
 _SIGNATURE_LINE_CHARS = 60
@@ -80,16 +85,34 @@ def strip_html(text: str) -> str:
         return html.unescape(text) if _ENTITY.search(text) else text
     from bs4 import BeautifulSoup
 
-    soup = BeautifulSoup(text, "html.parser")
-    for tag in soup(["script", "style", "head"]):
-        tag.decompose()
-    for tag in soup.find_all("br"):
-        tag.replace_with("\n")
-    for tag in soup.find_all(_BLOCK):
-        tag.insert_after("\n")
-    plain = _SPACES.sub(" ", soup.get_text())
+    plain = _SPACES.sub(" ", _visible_text(BeautifulSoup(text, "html.parser")))
     plain = "\n".join(line.strip() for line in plain.splitlines())
     return _BLANK_LINES.sub("\n\n", plain).strip()
+
+
+def _visible_text(soup: Any) -> str:
+    """The tree's text without script, style and head, with a line break for each <br> and after
+    each block element. One pass, without a stack frame per level: editing the tree instead
+    (replace_with, insert_after) scans the siblings or the descendants of every tag it touches,
+    seconds for a message of a few thousand <br> or nested <div>."""
+    from bs4 import CData, NavigableString, Tag
+
+    parts: list[str] = []
+    pending: list[Any] = [soup]  # nodes still to visit, last first; a plain str ends a block
+    while pending:
+        node = pending.pop()
+        if isinstance(node, Tag):
+            if node.name in _HIDDEN:
+                continue
+            if node.name == "br":
+                parts.append("\n")
+                continue
+            if node.name in _BLOCK:
+                pending.append("\n")
+            pending.extend(reversed(node.contents))
+        elif type(node) in (NavigableString, CData, str):  # not comments, doctypes, script text
+            parts.append(node)
+    return "".join(parts)
 
 
 def strip_signature(text: str) -> str:
@@ -98,10 +121,10 @@ def strip_signature(text: str) -> str:
     while lines and _SENT_FROM.match(lines[-1]):
         lines.pop()
     for index in range(len(lines) - 1, max(-1, len(lines) - 2 - _SIGNATURE_LINES), -1):
-        line = lines[index]
+        line = lines[index].strip()
         tail = [t for t in lines[index + 1 :] if t.strip()]
         short_tail = all(len(t.strip()) <= _SIGNATURE_LINE_CHARS for t in tail)
-        if (_VALEDICTION.match(line) and short_tail) or (_SEPARATOR.match(line) and short_tail):
+        if short_tail and (_VALEDICTION.fullmatch(line) or _SEPARATOR.fullmatch(line)):
             if any(earlier.strip() for earlier in lines[:index]):
                 lines = lines[:index]
             break

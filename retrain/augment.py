@@ -37,7 +37,11 @@ _CHUNK = 900
 _MIN_F1 = 0.2
 _LENGTH_RATIO = (0.4, 2.5)
 _PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
-_LEADING_LABEL = re.compile(r"^\s*(?:rewritten|paraphrased?|new)?\s*(?:message|version|text)?\s*:\s*", re.I)
+# Applied to stripped text. Each whitespace run follows its (optional) word inside one group: three
+# optional runs in a row split a run of spaces every possible way (cubic in its length).
+_LEADING_LABEL = re.compile(
+    r"^(?:(?:rewritten|paraphrased?|new)\s*)?(?:(?:message|version|text)\s*)?:\s*", re.I
+)
 INSTRUCTION = (
     "Rewrite the message below in different words. Keep its meaning, its language and every detail "
     "(names, numbers, and placeholders such as <EMAIL>). Reply with the rewritten message only.\n\n"

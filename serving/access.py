@@ -17,9 +17,11 @@ import asyncio
 import hashlib
 import logging
 import math
+import re
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -35,8 +37,15 @@ from serving.settings import AccessSettings
 logger = logging.getLogger(__name__)
 
 PREFIXES = {"secret": "lc-sk-", "public": "lc-pk-"}
+# What create_key hands out: a prefix, then secrets.token_urlsafe(32), 43 characters of base64url.
+_KEY_SHAPE = re.compile(r"lc-[sp]k-[A-Za-z0-9_-]{43}")
 # What a public key may call: rating, from a browser.
 PUBLIC_ROUTES = ("/v1/feedback", "/v1/feedback/preference")
+
+
+def is_key_shaped(token: str) -> bool:
+    """Whether `token` could be a loopchat key at all; anything else is refused unseen."""
+    return _KEY_SHAPE.fullmatch(token) is not None
 
 
 def hash_key(token: str) -> str:
@@ -128,24 +137,31 @@ def revoke_key(database: Engine, key_id: str) -> ApiKey:
 
 
 class KeyStore:
-    """Keys by hash, cached for `ttl` seconds: a revocation reaches every replica within it."""
+    """Keys by hash, cached for `ttl` seconds: a revocation reaches every replica within it. At
+    most `max_cached` are kept and the least recently used goes first, so keys in regular use stay
+    cached while a stream of unknown ones passes through."""
 
-    def __init__(self, database: Engine, ttl: float) -> None:
+    def __init__(self, database: Engine, ttl: float, *, max_cached: int = 100_000) -> None:
         self._database = database
         self._ttl = ttl
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._max_cached = max_cached
+        self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
         self.public_origins: frozenset[str] = frozenset()
 
     async def resolve(self, token: str) -> Principal | None:
+        if not is_key_shaped(token):
+            return None
         digest = hash_key(token)
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
+            self._cache.move_to_end(digest)
             return cached[1]
         principal = await asyncio.to_thread(self._lookup, digest)
-        if len(self._cache) > 100_000:
-            self._cache.clear()
         self._cache[digest] = (now + self._ttl, principal)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self._max_cached:
+            self._cache.popitem(last=False)
         return principal
 
     def _lookup(self, digest: str) -> Principal | None:
@@ -266,6 +282,9 @@ class AccessMiddleware:
                 raise APIError(401, "an API key is required: Authorization: Bearer lc-sk-…",
                                code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
             return ANONYMOUS
+        if not is_key_shaped(token):  # refused before the database (or the key cache) sees it
+            raise APIError(401, "invalid API key: a loopchat key is lc-sk-… or lc-pk-…, 49 characters",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
         store: KeyStore | None = self._store_of()
         if store is None:
             raise APIError(503, "the service is starting; retry shortly", code="not_ready",

@@ -6,11 +6,13 @@ format of results, streamed (SSE chunks) or whole.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -109,6 +111,9 @@ class ChatService:
         self._metrics = metrics
         self._log = log
         self._sampled_logprobs = sampled_logprobs
+        # Tokenizing takes up to a good part of a second: never on the event loop. One thread, as
+        # vLLM's own renderer has: a Hugging Face tokenizer is not safe to call from several at once.
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopchat-tokenize")
 
     @property
     def adapters(self) -> AdapterSet:
@@ -127,13 +132,13 @@ class ChatService:
         """`prepare`, with the alias routed by the running experiment (sticky per user and
         conversation); a request naming a version gets that version."""
         if self._router is None or request.model not in (None, ALIAS_MODEL):
-            return self.prepare(request)
+            return await self.prepare(request)
         given = (request.metadata or {}).get("conversation_id")
         conversation_id = given or new_conversation_id()
         route = await self._router.route(request.user, conversation_id, existing=given is not None)
-        return self.prepare(request, route=route, conversation_id=conversation_id)
+        return await self.prepare(request, route=route, conversation_id=conversation_id)
 
-    def prepare(
+    async def prepare(
         self,
         request: ChatCompletionRequest,
         *,
@@ -161,12 +166,16 @@ class ChatService:
 
         messages = [{"role": m.template_role(), "content": m.text()} for m in request.messages]
         self._check_limits(request, messages)
+        context = self._engine.max_model_len
+        self._check_characters(messages, context)
+        loop = asyncio.get_running_loop()
         try:
-            prompt_ids = self._engine.render_chat(messages)
+            prompt_ids = await loop.run_in_executor(
+                self._tokenizer_thread, self._engine.render_chat, messages
+            )
         except InvalidPromptError as exc:
             raise bad_request(str(exc), param="messages") from exc
 
-        context = self._engine.max_model_len
         prompt_len = len(prompt_ids)
         if prompt_len >= context:
             raise bad_request(
@@ -214,6 +223,23 @@ class ChatService:
             experiment=route.experiment if route is not None else "",
             variant=route.variant if route is not None else "",
         )
+
+    def _check_characters(self, messages: list[dict[str, str]], context: int) -> None:
+        """Refuses, before tokenizing, messages that cannot fit the context whatever their tokens:
+        more characters than `context` tokens of the vocabulary's longest (e.g. 81 characters
+        for SmolLM2: a 4096-token context holds at most ~330k characters)."""
+        per_token = self._engine.max_token_chars
+        if per_token is None:
+            return
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > context * per_token:
+            raise bad_request(
+                f"This model's maximum context length is {context} tokens, and {chars} characters "
+                f"of messages take more than that (no token is longer than {per_token} characters). "
+                "Shorten the conversation.",
+                param="messages",
+                code="context_length_exceeded",
+            )
 
     def _check_limits(self, request: ChatCompletionRequest, messages: list[dict[str, str]]) -> None:
         limits = self._limits

@@ -11,6 +11,9 @@ from serving.settings import ALIAS_MODEL
 
 MAX_STOP_SEQUENCES = 16
 MAX_METADATA_KEYS = 16
+# OpenAI documents `seed` as a signed 64-bit integer; vLLM sends it to its engine core as
+# MessagePack, which has no integers beyond 64 bits (a larger seed would fail in the engine: a 500).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class _Lenient(BaseModel):
@@ -54,12 +57,14 @@ class ChatCompletionRequest(_Lenient):
         ALIAS_MODEL,
         description=f"Base model, an adapter (model version), or `{ALIAS_MODEL}` for the active version.",
     )
+    # The ranges vLLM's SamplingParams accepts. Token counts are capped by the server's limit and
+    # the context (ChatService), which also cuts min_tokens to max_tokens.
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -81,6 +81,11 @@ class ChatEngine(Protocol):
     def max_model_len(self) -> int: ...
 
     @property
+    def max_token_chars(self) -> int | None:
+        """The most characters one token stands for (None: no bound known). A prompt of more than
+        max_model_len times as many characters cannot fit, so it is refused without tokenizing."""
+
+    @property
     def ready(self) -> bool: ...
 
     async def start(self) -> None:
@@ -89,7 +94,9 @@ class ChatEngine(Protocol):
     async def shutdown(self) -> None: ...
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Apply the chat template and tokenize; raises InvalidPromptError."""
+        """Apply the chat template and tokenize; raises InvalidPromptError. Blocking and CPU-bound
+        (a long prompt takes a good part of a second): called on a worker thread, never on the
+        event loop."""
 
     def generate(
         self,

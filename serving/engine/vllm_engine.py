@@ -114,6 +114,7 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._stats = EngineStats()
         self._max_model_len = settings.engine.max_model_len or 0
+        self._max_token_chars: int | None = None
         self._adapter_ids: set[int] = set()
         self._ready = False
 
@@ -124,6 +125,10 @@ class VLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
+
+    @property
+    def max_token_chars(self) -> int | None:
+        return self._max_token_chars
 
     @property
     def ready(self) -> bool:
@@ -143,6 +148,7 @@ class VLLMEngine:
         # Building the engine blocks for the model load; keep the event loop (health probes) free.
         self._engine = await asyncio.to_thread(self._build)
         self._tokenizer = self._engine.get_tokenizer()
+        self._max_token_chars = longest_token_chars(self._tokenizer)
         self._max_model_len = self._engine.model_config.max_model_len
         nice = self._settings.engine.engine_cpu_nice
         lower_engine_priority(10 if nice is None and not self._on_gpu else nice or 0)
@@ -267,6 +273,19 @@ class VLLMEngine:
         if self._engine is not None:
             self._stats.unfinished_requests = self._engine.get_num_unfinished_requests()
         return self._stats
+
+
+def longest_token_chars(tokenizer: Any) -> int | None:
+    """The most characters of text one token of `tokenizer` stands for: the length of its longest
+    vocabulary entry. Byte-level vocabularies (GPT-2, Llama 3, Qwen, SmolLM) spell each byte as one
+    character and a character is at least one byte; SentencePiece ones spell each character as one.
+    None when the tokenizer has no vocabulary to read."""
+    try:
+        vocabulary = tokenizer.get_vocab()
+    except Exception:  # a tokenizer without get_vocab: no bound, every prompt is tokenized
+        logger.warning("the tokenizer's vocabulary cannot be read: prompts are tokenized however long")
+        return None
+    return max(map(len, vocabulary), default=0) or None
 
 
 def lower_engine_priority(nice: int) -> None:

@@ -75,7 +75,7 @@ async def compare_chat_completions(
     """
     names = body.models or chat_service.comparison_models()
     pair_id = f"cmp-{uuid.uuid4().hex}"
-    chats = [chat_service.prepare(body, model=name) for name in names]
+    chats = [await chat_service.prepare(body, model=name) for name in names]
     for chat in chats:
         chat.conversation_id = chats[0].conversation_id
         chat.pair_id = pair_id

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from feedback.db import make_engine
-from serving.access import create_key, hash_key, revoke_key
+from serving.access import ANONYMOUS, KeyStore, create_key, hash_key, revoke_key
 from serving.app import create_app
 from serving.settings import AccessSettings, Settings
 from tests.conftest import ADMIN_TOKEN, wait_ready
@@ -213,3 +213,74 @@ def test_a_key_reads_only_its_sites_and_users_conversations(
     assert production.get(path, params={"user": "mallory"}, headers=auth(token)).status_code == 404
     assert production.get(path, params={"user": "alice"}, headers=auth(widget, SHOP)).status_code == 403
     assert production.get(path, params={"user": "alice"}).status_code == 401
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The key hashes looked up in the database, in order."""
+    digests: list[str] = []
+    lookup = KeyStore._lookup
+
+    def counted(self: KeyStore, digest: str):
+        digests.append(digest)
+        return lookup(self, digest)
+
+    monkeypatch.setattr(KeyStore, "_lookup", counted)
+    return digests
+
+
+NOT_KEYS = [
+    "lc-sk-wrong",
+    "lc-sk-" + "a" * 42,
+    "lc-sk-" + "a" * 44,
+    "lc-pk-" + "a" * 42 + "=",
+    "lc-sk-" + "a" * 21 + " " + "a" * 21,
+    "lc-xk-" + "a" * 43,
+    "LC-SK-" + "a" * 43,
+    "sk-proj-" + "a" * 41,
+    "x" * 8000,
+]
+
+
+def test_a_bearer_that_cannot_be_a_key_is_refused_without_a_lookup(
+    production: TestClient, lookups: list[str]
+) -> None:
+    for token in NOT_KEYS:
+        response = production.post("/v1/chat/completions", json=ASK, headers=auth(token))
+        assert response.status_code == 401, token
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+        assert token not in response.text and response.headers["www-authenticate"] == "Bearer"
+    assert lookups == []
+    # A key of the right shape is looked up (and refused: no such key).
+    unknown = "lc-sk-" + "A" * 43
+    assert production.post("/v1/chat/completions", json=ASK, headers=auth(unknown)).status_code == 401
+    assert lookups == [hash_key(unknown)]
+
+
+def test_development_ignores_foreign_keys_and_refuses_malformed_loopchat_ones_unseen(
+    db_client: TestClient, lookups: list[str]
+) -> None:
+    for token in ("unused", "sk-" + "a" * 48, "x" * 8000):
+        assert db_client.post("/v1/chat/completions", json=ASK, headers=auth(token)).status_code == 200
+    for token in NOT_KEYS[:5]:
+        assert db_client.post("/v1/chat/completions", json=ASK, headers=auth(token)).status_code == 401
+    assert lookups == []
+
+
+async def test_the_key_cache_evicts_the_least_recently_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups: list[str] = []
+    monkeypatch.setattr(KeyStore, "_lookup", lambda self, digest: lookups.append(digest) or ANONYMOUS)
+    store = KeyStore(database=None, ttl=60, max_cached=3)  # type: ignore[arg-type]
+    first, second, third, fourth = (f"lc-sk-{letter * 43}" for letter in "abcd")
+    for token in (first, second, third, first, fourth):  # `first` used again: `second` is the oldest
+        assert await store.resolve(token) is ANONYMOUS
+    assert lookups == [hash_key(t) for t in (first, second, third, fourth)]
+    for token in (first, third, fourth):  # still cached
+        await store.resolve(token)
+    assert len(lookups) == 4
+    await store.resolve(second)  # evicted, so looked up again (and `first` now goes)
+    assert lookups[-1] == hash_key(second) and len(lookups) == 5
+    await store.resolve(first)
+    assert lookups[-1] == hash_key(first) and len(lookups) == 6

@@ -14,7 +14,7 @@ async def test_cancelling_a_stream_aborts_the_engine_request() -> None:
     engine = FakeEngine(max_model_len=10_000, token_delay=0.01)
     await engine.start()
     service = ChatService(engine, AdapterSet(engine))
-    chat = service.prepare(
+    chat = await service.prepare(
         ChatCompletionRequest(messages=[{"role": "user", "content": "go"}], max_tokens=4000, ignore_eos=True)
     )
     result = CompletionResult()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import zlib
 from collections.abc import AsyncIterator
 
@@ -25,11 +27,19 @@ class FakeEngine:
         max_model_len: int = 64,
         token_delay: float = 0.0,
         start_delay: float = 0.0,
+        max_token_chars: int | None = None,
+        render_seconds: float = 0.0,
     ) -> None:
         self._model_name = model_name
         self._max_model_len = max_model_len
+        # Words are tokens, of any length: no bound unless a test sets one.
+        self._max_token_chars = max_token_chars
         self.token_delay = token_delay
         self.start_delay = start_delay
+        # CPU time each render_chat spins for, holding the GIL as a tokenizer's Python code does.
+        self.render_seconds = render_seconds
+        self.rendering = threading.Event()  # set once a render_chat has begun
+        self.renders = 0
         # When set, generation raises it after the first token (an engine fault mid-answer).
         self.fail_with: Exception | None = None
         # Adapters (by name) whose answers fail the same way: a broken model version.
@@ -51,6 +61,10 @@ class FakeEngine:
         return self._max_model_len
 
     @property
+    def max_token_chars(self) -> int | None:
+        return self._max_token_chars
+
+    @property
     def ready(self) -> bool:
         return self._ready
 
@@ -68,6 +82,11 @@ class FakeEngine:
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not self._ready:
             raise EngineNotReady("not ready")
+        self.renders += 1
+        self.rendering.set()
+        deadline = time.perf_counter() + self.render_seconds
+        while time.perf_counter() < deadline:
+            pass
         words: list[str] = []
         for message in messages:
             if message["role"] not in ("system", "user", "assistant"):
