@@ -115,7 +115,7 @@ class FeedbackSettings(BaseSettings):
         2**30,
         ge=2**20,
         description="Size cap of the on-disk spool; past it ratings get 503 and log records are dropped "
-        "(counted in loopchat_feedback_records_total{outcome=\"dropped\"}).",
+        '(counted in loopchat_feedback_records_total{outcome="dropped"}).',
     )
     rejected_retention_days: float = Field(
         30,

@@ -169,7 +169,7 @@ def test_every_loopchat_variable_is_a_setting(monkeypatch: pytest.MonkeyPatch, t
         if o["kind"] in ("ConfigMap", "Secret"):
             values = o.get("data") or o.get("stringData") or {}
             kubernetes.update({k: str(v) for k, v in values.items() if k.startswith("LOOPCHAT_")})
-        for container in (o.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []):
+        for container in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []:
             for variable in container.get("env") or []:
                 if variable["name"].startswith("LOOPCHAT_") and "value" in variable:
                     kubernetes[variable["name"]] = str(variable["value"])

@@ -129,7 +129,8 @@ def test_placeholder_database_password_refused_in_production(password: str) -> N
 
 
 @pytest.mark.parametrize(
-    "url", ["postgresql+psycopg://loopchat:a-real-password@postgres/loopchat", "postgresql+psycopg://loopchat@db/x"]
+    "url",
+    ["postgresql+psycopg://loopchat:a-real-password@postgres/loopchat", "postgresql+psycopg://loopchat@db/x"],
 )
 def test_real_or_no_database_password_accepted_in_production(url: str) -> None:
     assert Settings(environment="production", database_url=url).db_url == url
