@@ -136,7 +136,6 @@ def backup_sqlite(url: str, *, revision: str | None, label: str | None = None) -
     is written under a temporary name and renamed once complete, so a crash never leaves a
     half-written backup that looks whole.
     """
-    import sqlite3
     from datetime import UTC, datetime
 
     path = _sqlite_path(url)
@@ -144,17 +143,18 @@ def backup_sqlite(url: str, *, revision: str | None, label: str | None = None) -
     name = label or f"rev-{revision or 'none'}"
     target = path.with_name(f"{path.name}.{name}.{stamp}{BACKUP_SUFFIX}")
     partial = target.with_name(target.name + ".partial")
-    source = sqlite3.connect(path)
-    try:
-        copy = sqlite3.connect(partial)
-        try:
-            source.backup(copy)
-        finally:
-            copy.close()
-    finally:
-        source.close()
+    _copy_sqlite(str(path), partial)
     partial.replace(target)
     return target
+
+
+def _copy_sqlite(source: str, target: Path) -> None:
+    """Copy one SQLite database (a path or a `file:` URI) into another file, page by page through
+    the online backup API: consistent even while others write to the source."""
+    import sqlite3
+
+    with closing(sqlite3.connect(source, uri=True)) as origin, closing(sqlite3.connect(target)) as copy:
+        origin.backup(copy)
 
 
 def list_backups(url: str) -> list[Path]:
@@ -180,15 +180,7 @@ def restore_sqlite(url: str, backup: Path) -> Path | None:
     if status != "ok":
         raise ValueError(f"{backup} is damaged ({status}); not restored")
     replaced = backup_sqlite(url, revision=None, label="before-restore") if path.exists() else None
-    source = sqlite3.connect(f"file:{backup}?mode=ro", uri=True)
-    try:
-        target = sqlite3.connect(path)
-        try:
-            source.backup(target)
-        finally:
-            target.close()
-    finally:
-        source.close()
+    _copy_sqlite(f"file:{backup}?mode=ro", path)
     return replaced
 
 
