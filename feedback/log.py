@@ -157,9 +157,12 @@ class FeedbackWriter:
     def pending_bytes(self) -> int:
         return self._queued_bytes
 
+    def _needs_redaction(self, data: dict[str, Any]) -> bool:
+        return self._redact is not None and not data.get(REDACTED)
+
     def prepare(self, data: dict[str, Any]) -> dict[str, Any]:
         """The record as it may be stored: redacted under the storage policy, and marked so."""
-        if self._redact is None or data.get(REDACTED):
+        if not self._needs_redaction(data):
             return data
         return {**self._redact(data), REDACTED: True}
 
@@ -171,7 +174,7 @@ class FeedbackWriter:
         redacted in parallel, so they may reach the queue out of order: what depends on a
         record, such as a rating of this completion, waits for its future first.
         """
-        if (self._redact is None or data.get(REDACTED)) and self._put(Record(data)):
+        if not self._needs_redaction(data) and self._put(Record(data)):
             done: concurrent.futures.Future = concurrent.futures.Future()
             done.set_result(None)
             return done
@@ -185,8 +188,10 @@ class FeedbackWriter:
 
     async def submit_and_wait(self, data: dict[str, Any]) -> None:
         """Log a record and return once it is committed or safely spooled."""
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self._prepare_pool, self.prepare, data)
+        prepared = data
+        if self._needs_redaction(data):  # no thread hop when there is nothing to redact
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self._prepare_pool, self.prepare, data)
         ack: concurrent.futures.Future = concurrent.futures.Future()
         if not self._put(Record(prepared, ack)):
             raise QueueFullError("feedback queue is full")
