@@ -37,7 +37,31 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # Drop connections the server closed (restart, failover) instead of failing the next query.
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        connect_args=_libpq_liveness(parsed),
+    )
+
+
+# libpq defaults leave a connection to a vanished host (a partition, a dead load balancer)
+# waiting for an answer for the kernel's default of about 15 minutes; the writer would hold
+# acknowledged ratings that long instead of spooling them. Set only what the URL leaves out.
+LIBPQ_LIVENESS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms unacknowledged before the connection is dropped
+}
+
+
+def _libpq_liveness(parsed) -> dict[str, int]:
+    if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() not in ("psycopg", "psycopg2"):
+        return {}
+    return {key: value for key, value in LIBPQ_LIVENESS.items() if key not in parsed.query}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

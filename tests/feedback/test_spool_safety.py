@@ -373,3 +373,29 @@ def test_the_cli_erases_a_user_from_rejected_too(tmp_path: Path):
     assert "1 rejected spool records" in result.stdout
     assert "dora" not in spooled_text(tmp_path / "spool")
     assert count(url, "erasure") == 1
+
+
+def test_postgres_connections_give_up_on_a_vanished_host_unless_the_url_says_otherwise() -> None:
+    """A partitioned database must fail the writer's query in seconds (so it spools), not after
+    the kernel's quarter of an hour; what the URL sets itself is kept."""
+    from sqlalchemy.engine import make_url
+
+    from feedback.db import LIBPQ_LIVENESS, make_engine
+    from tests.utils.db import postgres_schema_url, skip_or_fail_without_postgres
+
+    skip_or_fail_without_postgres()
+    url, drop = postgres_schema_url()
+    own = make_url(url).update_query_dict({"keepalives_idle": "7"}).render_as_string(hide_password=False)
+    try:
+        for engine_url, idle in ((url, LIBPQ_LIVENESS["keepalives_idle"]), (own, 7)):
+            engine = make_engine(engine_url)
+            try:
+                with engine.connect() as connection:
+                    params = connection.connection.dbapi_connection.info.get_parameters()
+                assert params["keepalives"] == "1"
+                assert params["keepalives_idle"] == str(idle)
+                assert params["tcp_user_timeout"] == str(LIBPQ_LIVENESS["tcp_user_timeout"])
+            finally:
+                engine.dispose()
+    finally:
+        drop()

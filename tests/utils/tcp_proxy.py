@@ -24,10 +24,15 @@ class TCPProxy:
 
     def cut(self) -> None:
         """Close every open connection and refuse new ones until `restore`."""
-        self._up.clear()
         with self._lock:
+            self._up.clear()
             for a, b in self._pairs:
                 for sock in (a, b):
+                    # shutdown first: close() alone does not wake a thread blocked in recv(), so
+                    # the kernel socket would live on and the client would wait for an answer
+                    # that never comes instead of seeing the connection drop.
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
                     with contextlib.suppress(OSError):
                         sock.close()
             self._pairs.clear()
@@ -60,6 +65,10 @@ class TCPProxy:
                         client.close()
                         continue
                     with self._lock:
+                        if not self._up.is_set():  # cut while connecting
+                            client.close()
+                            upstream.close()
+                            continue
                         self._pairs.append((client, upstream))
                     for a, b in ((client, upstream), (upstream, client)):
                         threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
