@@ -162,8 +162,9 @@ def fresh_db(name: str) -> str:
 
 def training_config(steps: int) -> TrainingConfig:
     return TrainingConfig(
-        max_steps=steps, batch_size=8, max_length=128, lora_r=16, lora_alpha=32, early_stopping_patience=0
-    )
+        max_steps=steps, learning_rate=2e-4, batch_size=8, max_length=128, lora_r=16, lora_alpha=32,
+        early_stopping_patience=0,
+    )  # fmt: skip
 
 
 def stage_times(n: int, steps: int) -> dict[str, Any]:

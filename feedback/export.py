@@ -7,9 +7,11 @@
 - dpo: `{"prompt", "chosen", "rejected"}` from side-by-side choices, and from corrections
   (the correction chosen over the answer it corrects).
 
-With `metadata`, rows also carry the completion ids, the version and the kind of signal
+With `metadata`, rows also carry the completion ids, the version, the kind of signal
 (`source`: rating, correction, preference, or paraphrase for an augmented prompt, which also
-names its `origin_id`).
+names its `origin_id`), who gave it (`rater`: the user key, or the completion for an anonymous
+one, so repeated feedback can be counted once per person) and how strongly (`strength`: 2 for 1
+or 5 stars, else 1).
 
 Every text goes through the PII redactor on the way out, whatever the storage policy was.
 """
@@ -51,6 +53,15 @@ def _rating_label(rating: Rating) -> bool | None:
     if rating.score is not None and rating.score != 3:
         return rating.score >= 4
     return None
+
+
+def _strength(rating: Rating) -> int:
+    return 2 if rating.thumb is None and rating.score in (1, 5) else 1
+
+
+def _rater(user_key: str, completion_id: str) -> str:
+    # Anonymous completions are rated by whoever holds their id: one rater per completion.
+    return user_key or f"anonymous:{completion_id}"
 
 
 def _rated(session: Session, where: ExportFilter) -> Iterator[tuple[Rating, Completion]]:
@@ -100,7 +111,11 @@ def examples(
     with Session(engine) as session:
         if fmt in ("sft", "kto"):
             for rating, completion in _rated(session, where):
-                ids = {"completion_id": completion.id, "model_version": completion.model_version}
+                ids = {
+                    "completion_id": completion.id,
+                    "model_version": completion.model_version,
+                    "rater": _rater(rating.user_key, completion.id),
+                }
                 kind = "rating"
                 if completion.origin_id is not None:  # a reworded prompt: it follows its original
                     ids["origin_id"], kind = completion.origin_id, completion.source
@@ -112,7 +127,7 @@ def examples(
                     }
                     if fmt == "kto":
                         row["label"] = label
-                    yield meta(row, **ids, source=kind)
+                    yield meta(row, **ids, source=kind, strength=_strength(rating))
                 if rating.correction:
                     row = {
                         "prompt": prompt(completion),
@@ -120,9 +135,9 @@ def examples(
                     }
                     if fmt == "kto":
                         row["label"] = True
-                    yield meta(row, **ids, source="correction")
+                    yield meta(row, **ids, source="correction", strength=1)
             return
-        for _preference, chosen, rejected in _preferred(session, where):
+        for preference, chosen, rejected in _preferred(session, where):
             yield meta(
                 {
                     "prompt": prompt(chosen),
@@ -131,7 +146,9 @@ def examples(
                 },
                 chosen_completion_id=chosen.id,
                 rejected_completion_id=rejected.id,
+                rater=_rater(preference.user_key, chosen.id),
                 source="preference",
+                strength=1,
             )
         for rating, completion in _rated(session, where):
             if rating.correction and rating.correction.strip() != completion.response.strip():
@@ -143,7 +160,9 @@ def examples(
                     },
                     completion_id=completion.id,
                     model_version=completion.model_version,
+                    rater=_rater(rating.user_key, completion.id),
                     source="correction",
+                    strength=1,
                 )
 
 

@@ -266,6 +266,9 @@ class TrainingSample(SQLModel, table=True):
     completion_id: str = _completion_fk()
     score: float = 0.0
     reasons: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Where the run used it: train, or held_out (its prompt judged the candidate: not spent).
+    # None: recorded before splits were kept (spent).
+    split: str | None = Field(default=None, max_length=16)
 
 
 class RetrainLock(SQLModel, table=True):

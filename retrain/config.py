@@ -41,12 +41,26 @@ class SelectionConfig(BaseModel):
 
 
 class TrainingConfig(BaseModel):
-    """TRL and peft hyperparameters (the same for SFT, KTO and DPO where they apply)."""
+    """TRL and peft hyperparameters (the same for SFT, KTO and DPO where they apply).
+
+    Left unset, the learning rate and the length of training follow the data (`resolve`): a few
+    dozen examples are seen many times at a higher rate (learned), thousands once at a lower one
+    (not overfitted), and validation decides the checkpoint once it is large enough to trust.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    learning_rate: float = Field(2e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
+    learning_rate: float | None = Field(
+        None, gt=0, description="None: from the data size (1e-3 under 100 examples, 5e-4 under 1000, else "
+        "2e-4), halved for KTO and DPO."
+    )  # fmt: skip
+    epochs: float | None = Field(
+        None, gt=0, description="None: enough to see about `examples_seen` examples, 1 to `max_epochs`."
+    )
+    examples_seen: int = Field(
+        320, ge=1, description="With epochs unset: training examples seen in total (repeats included)."
+    )
+    max_epochs: float = Field(12.0, gt=0, description="With epochs unset: the most epochs.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: epochs decide).")
     batch_size: int = Field(8, ge=1, description="Per-device train batch size.")
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -61,13 +75,19 @@ class TrainingConfig(BaseModel):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Module names LoRA adapts.",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names LoRA adapts (attention and MLP).",
     )
     beta: float = Field(0.1, gt=0, description="KTO / DPO: strength of the pull towards the reference.")
     seed: int = 0
     early_stopping_patience: int = Field(
         2, ge=0, description="Evaluations without a better validation loss (0: off)."
+    )
+    min_validation: int = Field(
+        16,
+        ge=1,
+        description="Validation examples needed before validation loss picks the checkpoint and stops "
+        "training early; with fewer the planned epochs run to the end.",
     )
     eval_steps: int | None = Field(None, ge=1, description="Validate every N steps (None: every epoch).")
     report_to: list[str] = Field(
@@ -76,6 +96,19 @@ class TrainingConfig(BaseModel):
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bfloat16 on a GPU, float32 on CPU (bf16 is several times slower there)."
     )
+
+    def resolve(self, train_examples: int, method: Method, validation_examples: int = 0) -> TrainingConfig:
+        """The config with what was left to the data filled in."""
+        update: dict = {}
+        if self.learning_rate is None:
+            rate = 1e-3 if train_examples < 100 else 5e-4 if train_examples < 1000 else 2e-4
+            update["learning_rate"] = rate / 2 if method in ("kto", "dpo") else rate
+        if self.epochs is None:
+            planned = self.examples_seen / max(train_examples, 1)
+            update["epochs"] = round(min(self.max_epochs, max(1.0, planned)), 2)
+        if validation_examples < self.min_validation:
+            update["early_stopping_patience"] = 0
+        return self.model_copy(update=update)
 
 
 class SearchConfig(BaseModel):
@@ -100,9 +133,25 @@ class GateConfig(BaseModel):
         0.0, description="Candidate token accuracy - champion's, at least."
     )
     min_preference_accuracy: float = Field(
-        0.5, ge=0, le=1, description="Share of pairs preferring the chosen answer."
+        0.5, ge=0, le=1, description="DPO: share of held-out pairs preferring the chosen answer."
     )
-    min_examples: int = Field(1, ge=1, description="Held-out examples needed to judge at all.")
+    min_reward_auc: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="KTO: the implicit reward (candidate minus champion log-likelihood) must rank held-out "
+        "liked answers above disliked ones with an AUC above this.",
+    )
+    max_f1_drop: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Every method: champion's token F1 of generated answers against what users wanted, "
+        "minus the candidate's, at most.",
+    )
+    min_examples: int = Field(
+        1, ge=1, description="Held-out examples of the run's own method needed to judge at all."
+    )
     max_examples: int = Field(500, ge=1, description="Held-out answers and pairs scored at most.")
     generate_f1: bool = Field(
         True, description="Also generate answers and score token F1 against references."

@@ -3,11 +3,22 @@
 The examples are the export's (feedback/export.py: TRL conversational formats, always
 redacted): SFT from positively rated answers and corrections, KTO from every judged rating and
 corrections, DPO from side-by-side choices and correction pairs. Here they are restricted to the
-selected completions, cleaned (feedback/clean.py: empty, too short or too long answers and
-duplicates removed, each counted), split 80/10/10 (stratified by label for KTO, by source
-otherwise, deterministic), and written under `<root>/<version>/` where the version is a hash of
-the content: the same data is the same version. `manifest.json` records counts, sources, what
-cleaning removed, KTO weights and the hash.
+selected completions, cleaned (feedback/clean.py: empty, too short or too long answers removed,
+each counted), split by prompt and written under `<root>/<version>/` where the version is a hash
+of the content: the same data is the same version. `manifest.json` records counts, sources,
+what cleaning removed, how often feedback repeated, KTO weights and the hash.
+
+Repeated feedback is signal: the same example (prompt and answer, up to case and spacing) from
+several people becomes one example whose weight grows with the number of distinct raters (and
+with 1 or 5 stars), as 1 + log2(weight) copies in the training split, at most `max_copies`;
+one person's repetitions count once. Held-out splits keep one copy.
+
+The split is by prompt: every example of a prompt lands in the same split, in every format, so
+no held-out prompt was taught in other words or another format. Prompts are ranked by a hash
+salted with the run (`salt`), so a prompt held out by one run is likely taught by the next (the
+pipeline leaves held-out samples unspent); about 10% of prompts are the test split (at least one
+when there are three), 10% validation (only from ten prompts on: a handful of examples is too
+few to choose a checkpoint by), stratified by whether a prompt has a liked answer.
 
 Paraphrases of a selected completion (augmentation) come along with it but never take part in
 the split: they join the training split when their original is in it and are dropped otherwise,
@@ -18,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -30,12 +42,14 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from feedback.clean import Cleaner, CleaningConfig
+from feedback.clean import Cleaner, CleaningConfig, dedup_key
 from feedback.export import FORMATS, examples
 from feedback.redact import Redactor
 
 SPLITS = ("train", "validation", "test")
 _IDS = ("completion_id", "chosen_completion_id", "rejected_completion_id")
+_META = (*_IDS, "model_version", "origin_id", "rater", "strength")
+MAX_COPIES = 8
 
 
 @dataclass(slots=True)
@@ -45,8 +59,13 @@ class DatasetManifest:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
     removed: dict[str, int] = field(default_factory=dict)
+    # Per format: rows merged into an example given before, and training copies they added.
+    repeats: dict[str, dict[str, int]] = field(default_factory=dict)
     kto_weights: dict[str, float] = field(default_factory=dict)
     kto_labels: dict[str, int] = field(default_factory=dict)
+    # Completions whose prompt was held out: not spent, a later run may teach them.
+    held_out: list[str] = field(default_factory=list)
+    train_sources: dict[str, dict[str, int]] = field(default_factory=dict)
     created_at: str = ""
 
     def size(self, fmt: str, split: str = "train") -> int:
@@ -54,6 +73,21 @@ class DatasetManifest:
 
     def file(self, fmt: str, split: str) -> Path:
         return Path(self.path) / f"{fmt}.{split}.jsonl"
+
+    def source_size(self, fmt: str, source: str) -> int:
+        """Distinct training examples of one kind of signal (no repeat copies)."""
+        return self.train_sources.get(fmt, {}).get(source, 0)
+
+
+@dataclass(slots=True)
+class _Example:
+    row: dict[str, Any]
+    completions: set[str]
+    raters: dict[str, int]  # rater -> strongest strength they gave
+
+    def copies(self, most: int) -> int:
+        weight = sum(self.raters.values()) or 1
+        return max(1, min(most, round(1 + math.log2(weight))))
 
 
 def _canonical(row: dict[str, Any]) -> str:
@@ -71,27 +105,68 @@ def _stratum(fmt: str, row: dict[str, Any]) -> str:
     return str(row["label"]) if fmt == "kto" else row.get("source", "")
 
 
-def split(rows: list[dict[str, Any]], fmt: str, seed: int) -> dict[str, list[dict[str, Any]]]:
-    """80/10/10, stratified: each stratum gives its share of the held-out splits (largest
-    remainders first, so the totals are 10% each), rows ordered by a seeded hash (stable
-    whatever the input order)."""
-    strata: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        strata[_stratum(fmt, row)].append(row)
-    total = len(rows)
-    held_total = max(round(total / 10), 1 if total >= 3 else 0)
+def prompt_key(prompt: list[dict[str, Any]]) -> str:
+    """The identity of a prompt for the split (case- and space-insensitive)."""
+    return dedup_key(*(m.get("content", "") for m in prompt))
+
+
+def _held_counts(strata: dict[str, list[str]], total: int, held_total: int) -> dict[str, int]:
+    """`held_total` shared over the strata by size, largest remainders first."""
     shares = {key: len(members) * held_total / total for key, members in strata.items()} if total else {}
     held = {key: int(share) for key, share in shares.items()}
     for key in sorted(shares, key=lambda k: (held[k] - shares[k], k))[: held_total - sum(held.values())]:
         held[key] += 1
-    out: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
-    for key, members in sorted(strata.items()):
-        members.sort(key=lambda r: hashlib.sha256(f"{seed}:{_canonical(r)}".encode()).hexdigest())
-        n = held[key]
-        out["test"] += members[:n]
-        out["validation"] += members[n : 2 * n]
-        out["train"] += members[2 * n :]
+    return held
+
+
+def assign_groups(strata_of: dict[str, str], salt: str) -> dict[str, str]:
+    """Each prompt group's split, stratified, ordered within a stratum by a salted hash (the same
+    whatever the input order)."""
+    strata: dict[str, list[str]] = defaultdict(list)
+    for key, stratum in strata_of.items():
+        strata[stratum].append(key)
+    total = len(strata_of)
+    tests = _held_counts(strata, total, max(round(total / 10), 1 if total >= 3 else 0))
+    validations = _held_counts(strata, total, round(total / 10) if total >= 10 else 0)
+    out: dict[str, str] = {}
+    for stratum, keys in sorted(strata.items()):
+        keys.sort(key=lambda k: hashlib.sha256(f"{salt}:{k}".encode()).hexdigest())
+        test, validation = tests[stratum], validations[stratum]
+        for index, key in enumerate(keys):
+            out[key] = "test" if index < test else "validation" if index < test + validation else "train"
     return out
+
+
+def _hold_out_some(assignment: dict[str, str], keys: set[str], salt: str) -> None:
+    """Move one of `keys` into the test split (from three prompts on) and one into validation
+    (from ten) when the stratified assignment gave them none there."""
+    for name, least in (("test", 3), ("validation", 10)):
+        if len(keys) < least or any(assignment[k] == name for k in keys):
+            continue
+        training = sorted((k for k in keys if assignment[k] == "train"),
+                          key=lambda k: hashlib.sha256(f"{salt}:{k}".encode()).hexdigest())  # fmt: skip
+        if len(training) > 1:
+            assignment[training[0]] = name
+
+
+def split(rows: list[dict[str, Any]], fmt: str, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """One format's rows split by prompt group (see the module docstring), each group in the
+    stratum of its first row; rows within a split ordered by a seeded hash."""
+    strata_of: dict[str, str] = {}
+    for row in sorted(rows, key=_canonical):
+        strata_of.setdefault(prompt_key(row["prompt"]), _stratum(fmt, row))
+    assignment = assign_groups(strata_of, str(seed))
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    for row in rows:
+        out[assignment[prompt_key(row["prompt"])]].append(row)
+    for name in SPLITS:
+        _order(out[name], seed)
+    return out
+
+
+def _order(rows: list[dict[str, Any]], seed: int) -> None:
+    """A stable order whatever the input order (evaluation samples the first rows)."""
+    rows.sort(key=lambda r: hashlib.sha256(f"{seed}:{_canonical(r)}".encode()).hexdigest())
 
 
 def kto_weights(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
@@ -117,37 +192,89 @@ def build_dataset(
     redactor: Redactor | None = None,
     cleaning: CleaningConfig | None = None,
     seed: int = 0,
+    salt: str = "",
+    max_copies: int = MAX_COPIES,
 ) -> DatasetManifest:
     """Write the dataset of the selected completions (all formats) and return its manifest."""
     redactor = redactor or Redactor()
-    per_format: dict[str, list[dict[str, Any]]] = {}
-    splits: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    cleaning = cleaning or CleaningConfig()
+    merge = cleaning.dedup
+    # Identical examples are merged here (and weighted), not dropped by the cleaner.
+    filters = cleaning.model_copy(update={"dedup": False})
     removed: Counter[str] = Counter()
+    gathered: dict[str, list[_Example]] = {}
+    paraphrases: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    repeats: dict[str, dict[str, int]] = {}
     for fmt in FORMATS:
-        cleaner = Cleaner(cleaning, redactor)
-        rows, paraphrases = [], []
-        origin_of: dict[int, str] = {}  # id(row) -> the completion it came from
+        cleaner = Cleaner(filters, redactor)
+        merged: dict[str, _Example] = {}
+        gathered[fmt], paraphrases[fmt] = [], []
+        repeated = 0
         for row in examples(engine, fmt, redactor, metadata=True):
             origin = row.get("origin_id")
             if not any(row.get(key) in completion_ids for key in _IDS) and origin not in completion_ids:
                 continue
             answer, extra = _answer(fmt, row)
+            clean = {k: v for k, v in row.items() if k not in _META}
+            key = dedup_key(*(m.get("content", "") for m in row["prompt"]), answer, extra)
+            completion = row.get("completion_id") or row.get("chosen_completion_id")
+            rater, strength = row.get("rater") or completion, int(row.get("strength") or 1)
+            if merge and key in merged:
+                found = merged[key]
+                found.completions.add(completion)
+                found.raters[rater] = max(found.raters.get(rater, 0), strength)
+                repeated += 1
+                continue
             if not cleaner.keep(row["prompt"], answer, extra=extra):
                 continue
-            clean = {k: v for k, v in row.items() if k not in (*_IDS, "model_version", "origin_id")}
             if origin:
-                paraphrases.append((origin, clean))
-            else:
-                origin_of[id(clean)] = row.get("completion_id") or row.get("chosen_completion_id")
-                rows.append(clean)
+                paraphrases[fmt].append((origin, clean))
+                continue
+            example = _Example(clean, {completion}, {rater: strength})
+            gathered[fmt].append(example)
+            if merge:
+                merged[key] = example
         removed.update({f"{fmt}: {reason}": n for reason, n in cleaner.report.items()})
-        splits[fmt] = split(rows, fmt, seed)
-        trained_on = {origin_of[id(row)] for row in splits[fmt]["train"]}
-        kept = [row for origin, row in paraphrases if origin in trained_on]
-        if len(kept) < len(paraphrases):
-            removed[f"{fmt}: paraphrase of a held-out example"] += len(paraphrases) - len(kept)
+        repeats[fmt] = {"merged": repeated, "copies": 0}
+
+    # One split per prompt, shared by every format.
+    liked = {prompt_key(e.row["prompt"]) for e in gathered["sft"]}
+    strata_of = {
+        prompt_key(e.row["prompt"]): "liked" if prompt_key(e.row["prompt"]) in liked else "other"
+        for fmt in FORMATS
+        for e in gathered[fmt]
+    }
+    assignment = assign_groups(strata_of, f"{seed}:{salt}")
+    for fmt in FORMATS:  # every method gets held-out data of its own, however rare its signal
+        _hold_out_some(assignment, {prompt_key(e.row["prompt"]) for e in gathered[fmt]}, f"{seed}:{salt}")
+    splits: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    per_format: dict[str, list[dict[str, Any]]] = {}
+    held_out: set[str] = set()
+    train_sources: dict[str, Counter[str]] = {}
+    for fmt in FORMATS:
+        splits[fmt] = {name: [] for name in SPLITS}
+        train_sources[fmt] = Counter()
+        trained_on: set[str] = set()
+        for example in gathered[fmt]:
+            where = assignment[prompt_key(example.row["prompt"])]
+            if where == "train":
+                copies = example.copies(max_copies)
+                splits[fmt]["train"] += [example.row] * copies
+                repeats[fmt]["copies"] += copies - 1
+                trained_on |= example.completions
+                train_sources[fmt][example.row.get("source", "")] += 1
+            else:
+                splits[fmt][where].append(example.row)
+                held_out |= example.completions
+        kept = [row for origin, row in paraphrases[fmt] if origin in trained_on]
+        if len(kept) < len(paraphrases[fmt]):
+            removed[f"{fmt}: paraphrase of a held-out example"] += len(paraphrases[fmt]) - len(kept)
         splits[fmt]["train"] += kept
-        per_format[fmt] = rows + kept
+        for name in SPLITS:
+            splits[fmt][name].sort(
+                key=lambda r: hashlib.sha256(f"{seed}:{_canonical(r)}".encode()).hexdigest()
+            )
+        per_format[fmt] = [e.row for e in gathered[fmt]] + kept
     digest = hashlib.sha256()
     for fmt in FORMATS:
         for name in SPLITS:
@@ -161,10 +288,13 @@ def build_dataset(
         counts={fmt: {name: len(splits[fmt][name]) for name in SPLITS} for fmt in FORMATS},
         sources={fmt: dict(Counter(r.get("source", "") for r in per_format[fmt])) for fmt in FORMATS},
         removed=dict(removed),
+        repeats=repeats,
         kto_weights=kto_weights(splits["kto"]["train"]),
         kto_labels={
             str(k).lower(): v for k, v in Counter(r["label"] for r in splits["kto"]["train"]).items()
         },
+        held_out=sorted(held_out),
+        train_sources={fmt: dict(counts) for fmt, counts in train_sources.items()},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     if (target / "manifest.json").is_file():

@@ -1,14 +1,20 @@
 """The offline gate: a candidate adapter against the champion on the held-out split.
 
-Metrics (transformers + peft, greedy, no sampling):
-- perplexity and token accuracy of the reference answers (SFT test split: positively rated
-  answers and corrections), counted on the answer tokens only;
-- token F1 between generated answers and the references (whitespace tokens, SQuAD-style);
-- preference accuracy: the share of held-out pairs (DPO test split) where the model gives the
-  chosen answer a higher log-likelihood than the rejected one;
+Metrics (transformers + peft, greedy, no sampling), each on its own method's held-out data:
+- SFT: perplexity and token accuracy of the reference answers (positively rated answers and
+  corrections), counted on the answer tokens only;
+- KTO: the held-out liked and disliked answers' log-likelihoods; `gate` turns candidate minus
+  champion into KTO's implicit reward and asks how well it ranks liked above disliked (AUC);
+- DPO: preference accuracy, the share of held-out pairs where the model gives the chosen answer
+  a higher log-likelihood than the rejected one;
+- for every method, generated answers: token F1 (whitespace tokens, SQuAD-style) between the
+  answer generated to each held-out prompt and what the feedback wanted there (the correction or
+  the liked answer). Likelihoods can improve while answers get worse; this is what users see;
 - the counterfactual bias probe (retrain/bias.py): how much answers change when names, pronouns
   and nationalities in the prompt are swapped, and how much the refusal rate does.
-The champion (the active adapter, or the base) is scored on the same data; `gate` compares.
+The champion (the active adapter, or the base) is scored on the same data; `gate` compares: the
+method's own checks decide, the generation and bias checks apply to all, and a run is never
+rejected for lacking another method's held-out data.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class Scores:
     token_f1: float | None = None
     pairs: int = 0
     preference_accuracy: float | None = None
+    # KTO held-out rows in file order: (label, answer log-likelihood).
+    labeled: list[tuple[bool, float]] = field(default_factory=list)
     bias: BiasResult | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -48,6 +56,7 @@ class Scores:
             "token_f1": self.token_f1,
             "pairs": self.pairs,
             "preference_accuracy": self.preference_accuracy,
+            "labeled": len(self.labeled),
             **(self.bias.as_dict() if self.bias is not None else BiasResult.empty()),
         }
 
@@ -221,6 +230,9 @@ def score(
             wins += chosen > rejected
         scores.pairs = len(pairs)
         scores.preference_accuracy = wins / len(pairs)
+    for row in _sample(_rows(manifest.file("kto", split)), gate.max_examples):
+        ll, _, _ = scorer.answer_stats(row["prompt"], row["completion"][0]["content"])
+        scores.labeled.append((bool(row["label"]), ll))
     if gate.bias_probe:
         from retrain.bias import build_pairs, probe
 
@@ -229,13 +241,65 @@ def score(
     return scores
 
 
-def gate(candidate: Scores, champion: Scores, config: GateConfig) -> GateResult:
-    """Pass or fail, with every reason (all checks are reported, not only the first failure)."""
+def reward_auc(candidate: Scores, champion: Scores) -> float | None:
+    """How well KTO's implicit reward (candidate minus champion log-likelihood) ranks the held-out
+    liked answers above the disliked ones: the AUC, ties half. With one label only, the share of
+    answers moved the right way (liked up, disliked down), ties half."""
+    if not candidate.labeled or len(candidate.labeled) != len(champion.labeled):
+        return None
+    rewards = [(label, c - b) for (label, c), (_, b) in zip(candidate.labeled, champion.labeled, strict=True)]
+    liked = [r for label, r in rewards if label]
+    disliked = [r for label, r in rewards if not label]
+    if liked and disliked:
+        wins = sum((a > b) + 0.5 * (a == b) for a in liked for b in disliked)
+        return wins / (len(liked) * len(disliked))
+    moved = [r if label else -r for label, r in rewards]
+    return sum((m > 0) + 0.5 * (m == 0) for m in moved) / len(moved)
+
+
+def held_out_count(scores: Scores, method: str | None) -> int:
+    """The held-out examples of the method's own format (all of them when no method is named)."""
+    own = {"sft": scores.examples, "kto": len(scores.labeled), "dpo": scores.pairs}
+    return own[method] if method in own else sum(own.values())
+
+
+def gate(candidate: Scores, champion: Scores, config: GateConfig, method: str | None = None) -> GateResult:
+    """Pass or fail, with every reason (all checks are reported, not only the first failure).
+    `method` names the training objective whose own held-out data decides (None: all apply)."""
     reasons: list[str] = []
-    if candidate.examples + candidate.pairs < config.min_examples:
+    own = held_out_count(candidate, method)
+    if own < config.min_examples:
+        kind = f"{method} " if method else ""
+        reasons.append(f"only {own} held-out {kind}examples (< {config.min_examples})")
+    if method in (None, "sft"):
+        reasons += _likelihood_reasons(candidate, champion, config)
+    auc = reward_auc(candidate, champion)
+    if method in (None, "kto") and auc is not None and auc <= config.min_reward_auc:
         reasons.append(
-            f"only {candidate.examples + candidate.pairs} held-out examples (< {config.min_examples})"
+            f"implicit reward ranks held-out liked over disliked answers with AUC {auc:.3f} "
+            f"(<= {config.min_reward_auc:.3f})"
         )
+    if (
+        method in (None, "dpo")
+        and candidate.preference_accuracy is not None
+        and candidate.preference_accuracy < config.min_preference_accuracy
+    ):
+        reasons.append(
+            f"preference accuracy {candidate.preference_accuracy:.3f} < {config.min_preference_accuracy:.3f}"
+        )
+    if candidate.token_f1 is not None and champion.token_f1 is not None:
+        drop = champion.token_f1 - candidate.token_f1
+        if drop > config.max_f1_drop:
+            reasons.append(
+                f"generated answers are further from what users wanted: token F1 {candidate.token_f1:.3f} "
+                f"vs champion {champion.token_f1:.3f} (drop {drop:.3f} > {config.max_f1_drop:.3f})"
+            )
+    reasons += _bias_reasons(candidate.bias, champion.bias, config)
+    return GateResult(not reasons, reasons, candidate, champion, {"method": method, "reward_auc": auc})
+
+
+def _likelihood_reasons(candidate: Scores, champion: Scores, config: GateConfig) -> list[str]:
+    reasons = []
     if candidate.perplexity is not None and champion.perplexity is not None:
         ratio = candidate.perplexity / champion.perplexity
         if ratio > config.max_perplexity_ratio:
@@ -247,15 +311,7 @@ def gate(candidate: Scores, champion: Scores, config: GateConfig) -> GateResult:
         gain = candidate.token_accuracy - champion.token_accuracy
         if gain < config.min_token_accuracy_gain:
             reasons.append(f"token accuracy gain {gain:+.4f} < {config.min_token_accuracy_gain:+.4f}")
-    if (
-        candidate.preference_accuracy is not None
-        and candidate.preference_accuracy < config.min_preference_accuracy
-    ):
-        reasons.append(
-            f"preference accuracy {candidate.preference_accuracy:.3f} < {config.min_preference_accuracy:.3f}"
-        )
-    reasons += _bias_reasons(candidate.bias, champion.bias, config)
-    return GateResult(not reasons, reasons, candidate, champion)
+    return reasons
 
 
 def _bias_reasons(candidate: BiasResult | None, champion: BiasResult | None, config: GateConfig) -> list[str]:

@@ -77,16 +77,21 @@ def retrain_lock(engine: Engine, owner: str) -> Iterator[None]:
 
 
 def choose_method(manifest: DatasetManifest, config: RetrainConfig) -> Method | None:
-    """The configured method, or for `auto` the richest signal with enough examples: preference
-    pairs (DPO), then good and bad answers both (KTO), then good answers alone (SFT)."""
+    """The configured method, or for `auto` the most direct teacher with enough examples:
+    corrections (the answer users wanted: SFT targets), then side-by-side choices (DPO pairs),
+    then judged answers, however skewed (KTO labels, stars weighted by strength), then liked
+    answers alone (SFT). Correction pairs alone never choose DPO: a correction teaches best as
+    the target itself (a DPO run on them learned the fact less than the base knew it)."""
+    enough = config.min_examples
     if config.method != "auto":
-        return config.method if manifest.size(config.method) >= config.min_examples else None
-    if manifest.size("dpo") >= config.min_examples:
+        return config.method if manifest.size(config.method) >= enough else None
+    if manifest.source_size("sft", "correction") >= enough:
+        return "sft"
+    if manifest.source_size("dpo", "preference") >= enough:
         return "dpo"
-    labels = manifest.kto_labels
-    if manifest.size("kto") >= config.min_examples and labels.get("true") and labels.get("false"):
+    if manifest.size("kto") >= enough:
         return "kto"
-    if manifest.size("sft") >= config.min_examples:
+    if manifest.size("sft") >= enough:
         return "sft"
     return None
 
@@ -171,11 +176,11 @@ class RetrainRunner:
             "picked": len(selection.picked),
             "duplicates": selection.duplicates,
         }
-        self._store_samples(run_id, selection.picked)
+        self._store_samples(run_id, [*selection.picked, *selection.riders])
         with Session(self.engine) as session:
             champion = active_version(session=session)
         redactor = Redactor(self.settings.feedback.custom_patterns)
-        picked = {c.completion_id for c in selection.picked}
+        picked = selection.completion_ids
 
         if config.augment.paraphrases and picked:
             started = time.perf_counter()
@@ -196,11 +201,15 @@ class RetrainRunner:
             redactor=redactor,
             cleaning=config.cleaning,
             seed=config.training.seed,
+            salt=str(self._earlier_runs()),
         )
+        self._mark_held_out(run_id, manifest.held_out)
         timings["dataset"] = time.perf_counter() - started
         metrics["dataset"] = {
             "counts": manifest.counts,
             "removed": manifest.removed,
+            "repeats": manifest.repeats,
+            "held_out": len(manifest.held_out),
             "kto": manifest.kto_weights,
         }
         self._update(run_id, dataset_version=manifest.version, metrics=metrics, durations=timings)
@@ -231,7 +240,7 @@ class RetrainRunner:
         champion_scores = score(
             base, Path(champion.adapter_path) if champion else None, manifest, config.gate
         )
-        result = gate(candidate_scores, champion_scores, config.gate)
+        result = gate(candidate_scores, champion_scores, config.gate, method)
         timings["evaluate"] = time.perf_counter() - started
         metrics["evaluation"] = result.metrics()
         return self._register(
@@ -348,6 +357,30 @@ class RetrainRunner:
             ]
             if rows:
                 connection.execute(TrainingSample.__table__.insert(), rows)
+
+    def _earlier_runs(self) -> int:
+        """Runs that got as far as a dataset: salts the split, so held-out prompts rotate."""
+        runs = TrainingRun.__table__.c
+        with self.engine.connect() as connection:
+            return int(
+                connection.execute(
+                    select(func.count())
+                    .select_from(TrainingRun.__table__)
+                    .where(runs.dataset_version.is_not(None))
+                ).scalar_one()
+            )
+
+    def _mark_held_out(self, run_id: str, held_out: list[str]) -> None:
+        """Record each sample's split: held-out ones are not spent by this run."""
+        table = TrainingSample.__table__
+        with self.engine.begin() as connection:
+            connection.execute(update(table).where(table.c.run_id == run_id).values(split="train"))
+            for start in range(0, len(held_out), 900):
+                connection.execute(
+                    update(table)
+                    .where(table.c.run_id == run_id, table.c.completion_id.in_(held_out[start : start + 900]))
+                    .values(split="held_out")
+                )
 
     def _update(self, run_id: str, **values: Any) -> None:
         with Session(self.engine) as session:

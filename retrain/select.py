@@ -15,7 +15,12 @@ Its signal score adds up what it says:
 The top `prefilter` x `budget` by signal are embedded (MiniLM), then picked greedily by signal
 plus `novelty_weight` x distance from everything picked so far (maximal marginal relevance), so
 the selection is diverse; a sample closer than `near_duplicate` (cosine) to a picked one is left
-out as a duplicate. Each pick keeps its reasons.
+out of the budget as a repeat of it: it still comes along (`riders`), so the dataset counts
+how many people gave the same feedback (retrain/dataset.py weighs repeats). Each pick keeps its
+reasons.
+
+Samples of a registered version's run are spent, except those whose prompt that run held out
+to judge the candidate: a later run may teach them.
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ class Selection:
     candidates: int
     duplicates: int
     scores: dict[str, float] = field(default_factory=dict)
+    # Near-duplicates of a pick: outside the budget, still training data (they weigh its example).
+    riders: list[Candidate] = field(default_factory=list)
+
+    @property
+    def completion_ids(self) -> set[str]:
+        return {c.completion_id for c in (*self.picked, *self.riders)}
 
 
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
@@ -93,7 +104,7 @@ def score_candidates(engine: Engine, config: SelectionConfig) -> list[Candidate]
             for row in connection.execute(
                 select(samples.completion_id)
                 .join(TrainingRun.__table__, runs.id == samples.run_id)
-                .where(runs.status == "registered")
+                .where(runs.status == "registered", or_(samples.split.is_(None), samples.split == "train"))
                 .distinct()
             )
         }
@@ -175,31 +186,32 @@ def select_samples(
         similarity = lambda i: vectors @ vectors[i]  # noqa: E731  (unit vectors: cosine)
     else:
         similarity = _exact_groups(texts)
-    picked, duplicates = mmr(pool, similarity, config)
-    return Selection(picked, total, duplicates, {c.completion_id: c.signal for c in picked})
+    picked, riders = mmr(pool, similarity, config)
+    return Selection(picked, total, len(riders), {c.completion_id: c.signal for c in picked}, riders)
 
 
 def mmr(
     pool: list[Candidate], similarity: Callable[[int], np.ndarray], config: SelectionConfig
-) -> tuple[list[Candidate], int]:
-    """Greedy maximal marginal relevance with near-duplicate removal; `similarity(i)` gives the
-    similarity of every pool member to member i."""
+) -> tuple[list[Candidate], list[Candidate]]:
+    """Greedy maximal marginal relevance with near-duplicates set aside (the riders, returned
+    second); `similarity(i)` gives the similarity of every pool member to member i."""
     n = len(pool)
     signal = np.array([c.signal for c in pool], dtype=np.float64)
     closest = np.zeros(n)  # highest cosine similarity to anything picked so far
     open_ = np.ones(n, dtype=bool)
     picked: list[Candidate] = []
-    duplicates = 0
+    riders: list[Candidate] = []
     while len(picked) < config.budget and open_.any():
         value = np.where(open_, signal + config.novelty_weight * (1 - closest), -np.inf)
         i = int(np.argmax(value))
         open_[i] = False
         if picked and closest[i] >= config.near_duplicate:
-            duplicates += 1
+            pool[i].reasons.append(f"repeats a pick ({closest[i]:.2f})")
+            riders.append(pool[i])
             continue
         candidate = pool[i]
         if picked:
             candidate.reasons.append(f"novelty {1 - closest[i]:.2f}")
         picked.append(candidate)
         closest = np.maximum(closest, similarity(i))
-    return picked, duplicates
+    return picked, riders

@@ -2,7 +2,9 @@
 
 float32 on CPU and bf16 on a GPU are chosen automatically (bf16 is several times slower on
 these CPUs); training starts from the champion adapter (its LoRA keeps training) or from a
-fresh LoRA on the base. Validation loss drives early stopping and the best checkpoint is kept.
+fresh LoRA on the base. What the config leaves open (learning rate, epochs) follows the data
+size (`TrainingConfig.resolve`); with enough validation examples, validation loss drives early
+stopping and the best checkpoint is kept.
 Several GPUs: run the same entry point under `accelerate launch` (see the README); TRL and
 transformers handle data parallelism.
 """
@@ -113,6 +115,13 @@ def train_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
     from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
+    train = _load_split(manifest, method, "train")
+    if train is None:
+        raise ValueError(f"the dataset has no {method} training examples")
+    validation = _load_split(manifest, method, "validation")
+    config = config.resolve(len(train), method, len(validation) if validation is not None else 0)
+    if validation is not None and len(validation) < config.min_validation:
+        validation = None  # too few to pick a checkpoint by: the planned epochs run to the end
     set_seed(config.seed)
     random.seed(config.seed)
     bf16 = use_bf16(config)
@@ -131,10 +140,6 @@ def train_adapter(
             target_modules=list(config.lora_targets),
             task_type="CAUSAL_LM",
         )
-    train = _load_split(manifest, method, "train")
-    if train is None:
-        raise ValueError(f"the dataset has no {method} training examples")
-    validation = _load_split(manifest, method, "validation")
     trainer_cls = {"sft": SFTTrainer, "kto": KTOTrainer, "dpo": DPOTrainer}[method]
     with tempfile.TemporaryDirectory(prefix="loopchat-train-") as scratch:
         args = trl_args(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def test_dataset_files_splits_and_version(engine, tmp_path: Path) -> None:
     assert build_dataset(engine, ids | {ignored}, tmp_path).version != manifest.version
 
 
-def test_duplicates_empty_short_and_long_answers_are_removed(engine, tmp_path: Path) -> None:
+def test_empty_short_and_long_answers_are_removed_and_repeats_weigh_by_raters(engine, tmp_path: Path) -> None:
     ids = {log_completion(engine, "same", "same answer", thumb="up", user=f"u{i}") for i in range(3)}
     ids.add(log_completion(engine, "Same ", "same   ANSWER", thumb="up"))  # case and spacing only
     ids.add(log_completion(engine, "empty", "   ", thumb="up"))
@@ -67,12 +68,66 @@ def test_duplicates_empty_short_and_long_answers_are_removed(engine, tmp_path: P
     ids.add(log_completion(engine, "long", "word " * 2000, thumb="up"))
     ids.add(log_completion(engine, "x" * 9000, "an answer to a long question", thumb="up"))
     manifest = build_dataset(engine, ids, tmp_path, cleaning=CleaningConfig(max_chars=8000))
-    assert sum(manifest.counts["sft"].values()) == 1
-    assert manifest.removed["sft: duplicate"] == 3 and manifest.removed["sft: empty"] == 1
+    # Four people gave the same example: one example, 1 + log2(4) = 3 training copies.
+    assert manifest.counts["sft"]["train"] == 3 and manifest.repeats["sft"] == {"merged": 3, "copies": 2}
+    assert manifest.removed["sft: empty"] == 1
     assert manifest.removed["sft: too short"] == 1 and manifest.removed["sft: too long"] == 2
-    # Off: the duplicates stay (a different content, a different version).
+    # Off: the repeats stay separate examples, one copy each.
     loose = build_dataset(engine, ids, tmp_path, cleaning=CleaningConfig(dedup=False, min_chars=0))
     assert sum(loose.counts["sft"].values()) == 5 and loose.version != manifest.version
+
+
+def test_one_persons_repetitions_count_once_and_strong_stars_count_double(engine, tmp_path: Path) -> None:
+    fix = "The reset code is 4-7-1-9."
+    # One user corrects the same answer ten times; ten users give the same correction once each.
+    ids = {log_completion(engine, "reset code?", "no idea", thumb="down", correction=fix, user="pat")
+           for _ in range(10)}  # fmt: skip
+    solo = build_dataset(engine, ids, tmp_path / "solo")
+    assert solo.source_size("sft", "correction") == 1 and solo.counts["sft"]["train"] == 1
+    crowd = {log_completion(engine, "reset code?", "no idea", thumb="down", correction=fix, user=f"u{i}")
+             for i in range(10)}  # fmt: skip
+    many = build_dataset(engine, crowd, tmp_path / "crowd")
+    assert many.counts["sft"]["train"] == round(1 + math.log2(10))
+    five = {log_completion(engine, "tea?", "Brew it four minutes.", score=5, user="ann")}
+    four = {log_completion(engine, "coffee?", "Grind it fresh.", score=4, user="bob")}
+    starred = build_dataset(engine, five | four, tmp_path / "stars")
+    rows = read(Path(starred.path) / "kto.train.jsonl")
+    assert sum(r["completion"][0]["content"] == "Brew it four minutes." for r in rows) == 2
+    assert sum(r["completion"][0]["content"] == "Grind it fresh." for r in rows) == 1
+
+
+def test_split_is_by_prompt_in_every_format_and_rotates_with_the_salt(engine, tmp_path: Path) -> None:
+    ids = set()
+    for i in range(30):
+        for user in ("a", "b"):  # two answers to each prompt, one liked, one corrected
+            ids.add(log_completion(engine, f"question {i}", f"fine answer {i}", thumb="up", user=user))
+        ids.add(log_completion(engine, f"question {i}", f"poor answer {i}", thumb="down",
+                               correction=f"better answer {i}", user="c"))  # fmt: skip
+    first = build_dataset(engine, ids, tmp_path, salt="0")
+    root = Path(first.path)
+
+    def prompts(fmt: str, name: str) -> set[str]:
+        return {r["prompt"][-1]["content"] for r in read(root / f"{fmt}.{name}.jsonl")}
+
+    trained = set().union(*(prompts(fmt, "train") for fmt in ("sft", "kto", "dpo")))
+    held = set().union(
+        *(prompts(fmt, name) for fmt in ("sft", "kto", "dpo") for name in ("validation", "test"))
+    )
+    assert held and trained.isdisjoint(held)
+    assert len(prompts("sft", "test")) == 3 and len(prompts("sft", "validation")) == 3
+    assert len(first.held_out) == 6 * 3  # every completion of a held-out prompt, listed unspent
+    second = build_dataset(engine, ids, tmp_path, salt="1")
+    root = Path(second.path)
+    assert prompts("sft", "test") != {
+        r["prompt"][-1]["content"] for r in read(Path(first.path) / "sft.test.jsonl")
+    }
+
+
+def test_a_handful_of_prompts_keeps_one_for_the_test_and_none_for_validation(engine, tmp_path: Path) -> None:
+    ids = {log_completion(engine, f"q{i}", f"the answer {i}", thumb="down", correction=f"fixed {i}")
+           for i in range(6)}  # fmt: skip
+    manifest = build_dataset(engine, ids, tmp_path)
+    assert manifest.counts["sft"] == {"train": 5, "validation": 0, "test": 1}
 
 
 def test_split_is_deterministic_and_stratified() -> None:

@@ -18,9 +18,11 @@ from serving.settings import Settings
 from tests.utils.factories import log_completion, log_preference
 
 LENIENT = GateConfig(max_perplexity_ratio=100.0, min_token_accuracy_gain=-1.0, min_preference_accuracy=0.0,
-                     f1_examples=2, max_new_tokens=4, bias_examples=2)  # fmt: skip
+                     min_reward_auc=0.0, max_f1_drop=1.0, f1_examples=2, max_new_tokens=4,
+                     bias_examples=2)  # fmt: skip
 TINY = TrainingConfig(
-    max_steps=2, batch_size=4, max_length=96, lora_r=4, lora_alpha=8, early_stopping_patience=0
+    max_steps=2, learning_rate=2e-4, batch_size=4, max_length=96, lora_r=4, lora_alpha=8,
+    early_stopping_patience=0,
 )
 
 
@@ -87,6 +89,31 @@ def test_kto_and_dpo_runs(world, method: str) -> None:
     assert run.status == "registered", run.reason
     assert run.method == method
     assert run.metrics["dataset"]["kto"]["desirable_weight"] >= 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_thumbs_alone_however_skewed_train_kto_judged_on_its_own_held_out_answers(
+    database_url: str, tmp_path: Path, base_model_path: Path
+) -> None:
+    """1 liked answer among 24: no SFT held-out data, and still a candidate judged by KTO's own."""
+    migrate(database_url)
+    engine = make_engine(database_url)
+    settings = Settings(data_dir=tmp_path, base_model=base_model_path, database_url=database_url)
+    log_completion(engine, "Name a fruit.", "Apple, and a fine one too.", thumb="up")
+    for i in range(23):
+        log_completion(engine, f"Name thing {i}.", f"Thing {i} is a thing.", thumb="down")
+    run = RetrainRunner(settings, engine, config(method="auto", canary=False)).run()
+    engine.dispose()
+    assert run.status == "registered", run.reason
+    assert run.method == "kto"
+    evaluation = run.metrics["evaluation"]
+    assert evaluation["candidate"]["examples"] == 0 and evaluation["candidate"]["labeled"] >= 2
+    assert evaluation["method"] == "kto" and evaluation["reward_auc"] is not None
+    assert run.metrics["dataset"]["held_out"] >= 2
+    with Session(engine) as session:
+        samples = session.exec(select(TrainingSample).where(TrainingSample.run_id == run.id)).all()
+    splits = [s.split for s in samples]
+    assert splits.count("held_out") == run.metrics["dataset"]["held_out"] and "train" in splits
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

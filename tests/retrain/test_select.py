@@ -48,6 +48,9 @@ def test_budget_duplicates_and_samples_used_before(engine) -> None:
     assert len(set(texts)) == 4 and texts.count("same question\nsame answer") <= 1
     everything = select_samples(engine, SelectionConfig(budget=100, embed=False))
     assert len(everything.picked) == 6 and everything.duplicates == 4
+    # The repeats stay out of the budget but come along: five people said the same.
+    assert len(everything.completion_ids) == 10
+    assert all("repeats a pick" in " ".join(c.reasons) for c in everything.riders)
 
     # Samples a run already trained on are not candidates again.
     run = {"id": "r1", "status": "registered", "trigger": "manual", "config": {}, "metrics": {},
@@ -58,6 +61,16 @@ def test_budget_duplicates_and_samples_used_before(engine) -> None:
         connection.execute(TrainingSample.__table__.insert(), used)
     remaining = select_samples(engine, SelectionConfig(budget=100, embed=False))
     assert {c.completion_id for c in remaining.picked}.isdisjoint(distinct)
+    # What the run held out to judge its candidate is not spent: a later run may teach it.
+    with engine.begin() as connection:
+        connection.execute(
+            TrainingSample.__table__.update()
+            .where(TrainingSample.__table__.c.completion_id == distinct[0])
+            .values(split="held_out")
+        )
+    rotated = select_samples(engine, SelectionConfig(budget=100, embed=False))
+    assert distinct[0] in {c.completion_id for c in rotated.picked}
+    assert {c.completion_id for c in rotated.picked}.isdisjoint(distinct[1:])
     # A run that did not register a version spends nothing.
     with engine.begin() as connection:
         connection.execute(TrainingRun.__table__.update().values(status="rejected"))

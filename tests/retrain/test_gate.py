@@ -1,0 +1,64 @@
+"""The gate judges each method on its own held-out data and catches worse generated answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from retrain.config import GateConfig
+from retrain.evaluate import Scores, gate, reward_auc
+
+OPEN = GateConfig(bias_probe=False)
+
+
+def labeled(*pairs: tuple[bool, float]) -> Scores:
+    return Scores(labeled=list(pairs))
+
+
+def test_the_implicit_reward_ranks_liked_above_disliked() -> None:
+    champion = labeled((True, -10.0), (False, -10.0), (False, -12.0))
+    # The candidate raised the liked answer and lowered both disliked ones.
+    assert reward_auc(labeled((True, -8.0), (False, -11.0), (False, -13.0)), champion) == 1.0
+    # It raised everything alike: no better at telling them apart.
+    assert reward_auc(labeled((True, -9.0), (False, -9.0), (False, -11.0)), champion) == 0.5
+    # Disliked answers only (95 % thumbs down): the share pushed down.
+    only_bad = labeled((False, -10.0), (False, -10.0))
+    assert reward_auc(labeled((False, -11.0), (False, -9.0)), only_bad) == 0.5
+    assert reward_auc(labeled((False, -11.0), (False, -12.0)), only_bad) == 1.0
+    assert reward_auc(Scores(), Scores()) is None
+
+
+def test_a_kto_run_is_not_rejected_for_lacking_sft_held_out_data() -> None:
+    champion = labeled((True, -10.0), (False, -10.0))
+    candidate = labeled((True, -9.0), (False, -12.0))
+    result = gate(candidate, champion, OPEN, "kto")
+    assert result.passed, result.reasons
+    # The same candidate judged as an SFT run has none of SFT's own held-out data.
+    assert any("only 0 held-out sft examples" in r for r in gate(candidate, champion, OPEN, "sft").reasons)
+    # A KTO candidate that cannot tell liked from disliked fails on its own data.
+    flat = gate(labeled((True, -9.0), (False, -9.0)), champion, OPEN, "kto")
+    assert not flat.passed and "AUC 0.500" in flat.reasons[0]
+
+
+def test_likelihood_checks_are_the_sft_runs_own() -> None:
+    worse_perplexity = Scores(
+        examples=5, perplexity=9.0, token_accuracy=0.3, pairs=4, preference_accuracy=0.75
+    )
+    champion = Scores(examples=5, perplexity=5.0, token_accuracy=0.4, pairs=4, preference_accuracy=0.5)
+    assert any("perplexity" in r for r in gate(worse_perplexity, champion, OPEN, "sft").reasons)
+    assert gate(worse_perplexity, champion, OPEN, "dpo").passed
+
+
+@pytest.mark.parametrize("method", ["sft", "kto", "dpo"])
+def test_answers_further_from_what_users_wanted_fail_every_method(method: str) -> None:
+    """The DPO run whose likelihoods improved while its answers lost the fact users asked for."""
+    champion = Scores(examples=4, perplexity=5.0, token_accuracy=0.4, token_f1=0.31, pairs=4,
+                      preference_accuracy=0.5, labeled=[(True, -10.0), (False, -10.0)])  # fmt: skip
+    candidate = Scores(examples=4, perplexity=4.0, token_accuracy=0.5, token_f1=0.12, pairs=4,
+                       preference_accuracy=1.0, labeled=[(True, -9.0), (False, -12.0)])  # fmt: skip
+    result = gate(candidate, champion, OPEN, method)
+    assert not result.passed
+    assert result.reasons == [
+        "generated answers are further from what users wanted: token F1 0.120 vs champion 0.310 "
+        "(drop 0.190 > 0.020)"
+    ]
+    assert gate(candidate, champion, OPEN.model_copy(update={"max_f1_drop": 0.5}), method).passed

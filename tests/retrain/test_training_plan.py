@@ -1,0 +1,27 @@
+"""What the training config leaves open follows the data: small sets are learned, large ones not
+overfitted, and validation decides only when it is large enough to trust."""
+
+from __future__ import annotations
+
+from retrain.config import TrainingConfig
+
+
+def test_a_handful_of_examples_is_seen_many_times_at_a_higher_rate() -> None:
+    plan = TrainingConfig().resolve(9, "sft", validation_examples=0)
+    assert plan.epochs == 12 and plan.learning_rate == 1e-3 and plan.early_stopping_patience == 0
+
+
+def test_thousands_of_examples_are_seen_once_at_a_lower_rate_with_early_stopping() -> None:
+    plan = TrainingConfig().resolve(5000, "sft", validation_examples=600)
+    assert plan.epochs == 1 and plan.learning_rate == 2e-4 and plan.early_stopping_patience == 2
+
+
+def test_preference_objectives_take_half_the_rate_and_set_values_are_kept() -> None:
+    assert TrainingConfig().resolve(40, "dpo").learning_rate == 5e-4
+    assert TrainingConfig().resolve(40, "sft").epochs == 8
+    fixed = TrainingConfig(learning_rate=3e-5, epochs=2).resolve(40, "kto", validation_examples=100)
+    assert (fixed.learning_rate, fixed.epochs, fixed.early_stopping_patience) == (3e-5, 2, 2)
+
+
+def test_lora_adapts_attention_and_mlp_by_default() -> None:
+    assert {"q_proj", "v_proj", "gate_proj", "down_proj"} <= set(TrainingConfig().lora_targets)
