@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from retrain.populations import BUILT_INS
 from serving.cli_common import database, fail
 
 runs_app = typer.Typer(help="Retraining runs.", no_args_is_help=True)
@@ -152,3 +153,57 @@ def demo(
     report = run_demo(folder, users=users, train_steps=train_steps, base_model=settings.model_path)
     for line in report.lines():
         typer.echo(line)
+
+
+def simulate(
+    population: Annotated[
+        str,
+        typer.Option(
+            help=f"The simulated users: a built-in population ({', '.join(BUILT_INS)}) "
+            "or module:attr of your own (see retrain/populations.py)."
+        ),
+    ],
+    users: Annotated[int, typer.Option(min=1, help="Simulated users per phase (one question each).")] = 48,
+    turns: Annotated[int, typer.Option(min=1, help="Loop turns; later turns start from the champion.")] = 1,
+    train_steps: Annotated[
+        int | None, typer.Option(min=1, help="Training steps per run; default: the training decides.")
+    ] = None,
+    max_ratings: Annotated[
+        int, typer.Option(min=0, help="Most ratings or choices posted before each turn's run.")
+    ] = 200,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Work folder; default: <data_dir>/simulate-<population>-<time>.")
+    ] = None,
+    results: Annotated[Path | None, typer.Option(help="Also write the report as JSON to this file.")] = None,
+) -> None:
+    """Turns of the loop on the embedded model against a simulated population of known taste."""
+    from datetime import UTC, datetime
+
+    from retrain.populations import PopulationError, load_population
+    from retrain.simulate import run_simulation, simulation_config
+    from serving.settings import Settings
+
+    try:
+        simulated = load_population(population)
+    except PopulationError as exc:
+        raise fail(str(exc)) from exc
+    settings = Settings()
+    stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    folder = data_dir or settings.data_dir / f"simulate-{simulated.name}-{stamp}"
+    typer.echo(
+        f"simulation in {folder} (server, database, adapters); this takes a few minutes per turn on a CPU"
+    )
+    report = run_simulation(
+        simulated,
+        folder,
+        users=users,
+        turns=turns,
+        train_config=simulation_config(train_steps),
+        base_model=settings.model_path,
+        max_ratings=max_ratings,
+    )
+    for line in report.lines():
+        typer.echo(line)
+    if results is not None:
+        results.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        typer.echo(f"wrote {results}")

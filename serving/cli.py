@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from retrain.cli import demo, retrain, runs_app
+from retrain.cli import demo, retrain, runs_app, simulate
 from serving.cli_common import database, database_failure, fail, setup_logging
 from serving.cli_import import import_transcripts, imports_app
 from serving.cli_keys import keys_app
@@ -27,6 +27,7 @@ app.add_typer(imports_app, name="imports")
 app.command("import")(import_transcripts)
 app.command("retrain")(retrain)
 app.command("demo")(demo)
+app.command("simulate")(simulate)
 
 
 @app.command()
