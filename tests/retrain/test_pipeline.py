@@ -21,7 +21,12 @@ LENIENT = GateConfig(max_perplexity_ratio=100.0, min_token_accuracy_gain=-1.0, m
                      min_reward_auc=0.0, max_f1_drop=1.0, f1_examples=2, max_new_tokens=4,
                      bias_examples=2)  # fmt: skip
 TINY = TrainingConfig(
-    max_steps=2, learning_rate=2e-4, batch_size=4, max_length=96, lora_r=4, lora_alpha=8,
+    max_steps=2,
+    learning_rate=2e-4,
+    batch_size=4,
+    max_length=96,
+    lora_r=4,
+    lora_alpha=8,
     early_stopping_patience=0,
 )
 
