@@ -130,7 +130,13 @@ class GateConfig(BaseModel):
 
     max_perplexity_ratio: float = Field(1.0, gt=0, description="Candidate perplexity / champion's, at most.")
     min_token_accuracy_gain: float = Field(
-        0.0, description="Candidate token accuracy - champion's, at least."
+        0.0, description="Candidate token accuracy - champion's, at least (see token_accuracy_z)."
+    )
+    token_accuracy_z: float = Field(
+        1.96,
+        ge=0,
+        description="A token accuracy shortfall fails only beyond this many standard errors of the "
+        "difference (0: any shortfall), so a few tokens of a small held-out split do not decide.",
     )
     min_preference_accuracy: float = Field(
         0.5, ge=0, le=1, description="DPO: share of held-out pairs preferring the chosen answer."

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class Scores:
     examples: int = 0
+    tokens: int = 0  # reference answer tokens behind perplexity and token accuracy
     perplexity: float | None = None
     token_accuracy: float | None = None
     token_f1: float | None = None
@@ -214,6 +215,7 @@ def score(
     if total_tokens:
         scores.perplexity = math.exp(-total_ll / total_tokens)
         scores.token_accuracy = total_right / total_tokens
+        scores.tokens = total_tokens
     if gate.generate_f1 and references:
         sample = references[: gate.f1_examples]
         f1 = [
@@ -309,9 +311,24 @@ def _likelihood_reasons(candidate: Scores, champion: Scores, config: GateConfig)
             )
     if candidate.token_accuracy is not None and champion.token_accuracy is not None:
         gain = candidate.token_accuracy - champion.token_accuracy
-        if gain < config.min_token_accuracy_gain:
-            reasons.append(f"token accuracy gain {gain:+.4f} < {config.min_token_accuracy_gain:+.4f}")
+        shortfall = gain - config.min_token_accuracy_gain
+        error = _difference_error(
+            candidate.token_accuracy, candidate.tokens, champion.token_accuracy, champion.tokens
+        )
+        # A few held-out prompts are a few dozen tokens: two of them flipping is not a regression.
+        if shortfall < 0 and shortfall < -config.token_accuracy_z * error:
+            reasons.append(
+                f"token accuracy gain {gain:+.4f} < {config.min_token_accuracy_gain:+.4f} "
+                f"(beyond {config.token_accuracy_z:g} standard errors of {error:.4f})"
+            )
     return reasons
+
+
+def _difference_error(p: float, n: int, q: float, m: int) -> float:
+    """The standard error of the difference of two proportions (0 when a count is unknown)."""
+    if n <= 0 or m <= 0:
+        return 0.0
+    return math.sqrt(p * (1 - p) / n + q * (1 - q) / m)
 
 
 def _bias_reasons(candidate: BiasResult | None, champion: BiasResult | None, config: GateConfig) -> list[str]:

@@ -62,3 +62,15 @@ def test_answers_further_from_what_users_wanted_fail_every_method(method: str) -
         "(drop 0.190 > 0.020)"
     ]
     assert gate(candidate, champion, OPEN.model_copy(update={"max_f1_drop": 0.5}), method).passed
+
+
+def test_a_token_accuracy_shortfall_counts_only_beyond_its_noise() -> None:
+    """Two held-out prompts are ~60 tokens: 2 of them flipping is noise, 30 % of 6000 is not."""
+    champion = Scores(examples=2, tokens=60, perplexity=5.0, token_accuracy=0.50)
+    noisy = Scores(examples=2, tokens=60, perplexity=5.0, token_accuracy=0.465)
+    assert gate(noisy, champion, OPEN, "sft").passed
+    assert not gate(noisy, champion, OPEN.model_copy(update={"token_accuracy_z": 0.0}), "sft").passed
+    big_champion = Scores(examples=200, tokens=6000, perplexity=5.0, token_accuracy=0.50)
+    worse = Scores(examples=200, tokens=6000, perplexity=5.0, token_accuracy=0.465)
+    failed = gate(worse, big_champion, OPEN, "sft")
+    assert not failed.passed and "token accuracy gain -0.0350" in failed.reasons[0]
