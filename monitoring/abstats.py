@@ -17,6 +17,11 @@ two-sided test, so the false-promotion rate is at most alpha, about alpha/2 in p
 
 tau is the effect size the test is tuned for (the standard deviation of the mixing prior): the
 test is fastest for true differences near tau and still valid for any.
+
+Side-by-side choices between a candidate's answer and the control's are the same test on one
+proportion: the candidate's share of the choices against 1/2 (`msprt_share`). A policy decides
+on ratings, on choices, or on both (each test at alpha/2, so a false promotion by either stays
+within alpha).
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ from statistics import NormalDist
 from typing import Literal
 
 Action = Literal["hold", "promote", "rollback"]
+# What a policy decides on: judged ratings (thumbs, stars other than 3), side-by-side choices
+# between the candidate and the control, or both.
+Metric = Literal["ratings", "choices", "both"]
+SIGNALS: dict[str, tuple[str, ...]] = {
+    "ratings": ("ratings",),
+    "choices": ("choices",),
+    "both": ("ratings", "choices"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +86,32 @@ def msprt(
         )
     rate_a = control_successes / control_trials
     rate_b = candidate_successes / candidate_trials
-    theta = rate_b - rate_a
     v = _variance(control_successes, control_trials) + _variance(candidate_successes, candidate_trials)
+    return _tested(rate_a, rate_b, v, tau, alpha)
+
+
+def _tested(rate_a: float, rate_b: float, v: float, tau: float, alpha: float) -> SequentialResult:
+    """Lambda for the estimate rate_b - rate_a of variance v, and the interval it implies."""
+    theta = rate_b - rate_a
     t2 = tau * tau
     log_lr = 0.5 * math.log(v / (v + t2)) + theta * theta * t2 / (2 * v * (v + t2))
     p_value = min(1.0, math.exp(-log_lr))
     # Inverting the test: the differences theta0 it would not reject at alpha.
     radius = rejection_radius(v, tau, alpha)
     return SequentialResult(rate_a, rate_b, theta, log_lr, p_value, (theta - radius, theta + radius))
+
+
+def msprt_share(
+    successes: int, trials: int, *, null: float = 0.5, tau: float = 0.08, alpha: float = 0.05
+) -> SequentialResult:
+    """mSPRT of one proportion against `null` (a candidate's share of side-by-side choices).
+
+    The result reads as the two-sample one with the null as the "control rate": `difference`
+    is share - null and `interval` its always-valid interval.
+    """
+    if trials <= 0:
+        return SequentialResult(null, None, None, 0.0, 1.0, None)
+    return _tested(null, successes / trials, _variance(successes, trials), tau, alpha)
 
 
 def rejection_radius(v: float, tau: float, alpha: float) -> float:
@@ -134,7 +165,9 @@ def predicted_samples_per_arm(
 class DecisionPolicy:
     alpha: float = 0.05
     tau: float = 0.08
+    # Judged ratings per arm, or choices between the candidate and the control, before a decision.
     min_ratings_per_variant: int = 100
+    metric: Metric = "ratings"
     # Guardrails: checked once a variant has served `guardrail_min_requests` requests.
     guardrail_min_requests: int = 20
     max_error_rate: float = 0.05
@@ -184,9 +217,13 @@ class VariantOutcome:
         return self.corrections / self.rated if self.rated else None
 
     @property
+    def choices(self) -> int:
+        """Side-by-side choices between this variant's answer and another variant's."""
+        return self.pairwise_wins + self.pairwise_losses
+
+    @property
     def win_rate(self) -> float | None:
-        games = self.pairwise_wins + self.pairwise_losses
-        return self.pairwise_wins / games if games else None
+        return self.pairwise_wins / self.choices if self.choices else None
 
     def as_dict(self) -> dict:
         """The counts and the rates derived from them."""
@@ -243,7 +280,8 @@ def guardrail_breach(
 
 
 def compare(control: VariantOutcome, candidate: VariantOutcome, policy: DecisionPolicy, k: int = 1):
-    """The sequential test of one candidate against the control (Bonferroni over k candidates)."""
+    """The sequential test of one candidate's positive rate against the control's (Bonferroni
+    over k candidates)."""
     return msprt(
         control.positive,
         control.judged,
@@ -254,51 +292,92 @@ def compare(control: VariantOutcome, candidate: VariantOutcome, policy: Decision
     )
 
 
-def decide(control: VariantOutcome, candidates: list[VariantOutcome], policy: DecisionPolicy) -> Decision:
-    """Keep, promote or roll back: guardrails first, then the always-valid test.
+def compare_choices(candidate: VariantOutcome, policy: DecisionPolicy, k: int = 1) -> SequentialResult:
+    """The sequential test of the candidate's share of side-by-side choices against 1/2."""
+    return msprt_share(candidate.pairwise_wins, candidate.choices, tau=policy.tau, alpha=policy.alpha / k)
 
-    With several candidates each is compared with the control at alpha / k (Bonferroni); a
-    breach or a significantly worse candidate is rolled back alone, and the best candidate that
-    is significantly better than the control is promoted.
+
+def tests(
+    control: VariantOutcome, candidate: VariantOutcome, policy: DecisionPolicy, k: int = 1
+) -> dict[str, tuple[SequentialResult, int]]:
+    """Each test the policy decides on, at its share of alpha: signal -> (result, sample)."""
+    signals = SIGNALS[policy.metric]
+    share = k * len(signals)
+    done: dict[str, tuple[SequentialResult, int]] = {}
+    for signal in signals:
+        if signal == "ratings":
+            done[signal] = (compare(control, candidate, policy, share), min(candidate.judged, control.judged))
+        else:
+            done[signal] = (compare_choices(candidate, policy, share), candidate.choices)
+    return done
+
+
+_WHAT = {"ratings": "positive rate", "choices": "share of side-by-side choices"}
+_AGAINST = {"ratings": "control's", "choices": "an even split's"}
+
+
+def decide(control: VariantOutcome, candidates: list[VariantOutcome], policy: DecisionPolicy) -> Decision:
+    """Keep, promote or roll back: guardrails first, then the always-valid test(s).
+
+    With several candidates each is compared with the control at alpha / k (Bonferroni), and
+    with both signals each test at half of that; a breach or a significantly worse candidate is
+    rolled back alone, and the best candidate that is significantly better than the control on
+    a signal is promoted.
     """
     k = max(1, len(candidates))
-    alpha = policy.alpha / k
-    numbers: dict = {"alpha": alpha, "tau": policy.tau, "variants": {}}
-    best: tuple[float, VariantOutcome, SequentialResult] | None = None
+    alpha = policy.alpha / (k * len(SIGNALS[policy.metric]))
+    numbers: dict = {"alpha": alpha, "tau": policy.tau, "metric": policy.metric, "variants": {}}
+    best: tuple[float, VariantOutcome, SequentialResult, str] | None = None
     for candidate in candidates:
-        result = compare(control, candidate, policy, k)
+        results = tests(control, candidate, policy, k)
+        # Each test's figures, and the first one's (ratings, unless the policy has only
+        # choices) at the top level, where the p-value gauge reads them.
+        first = next(iter(results.values()))
         numbers["variants"][candidate.variant] = {
-            "difference": result.difference,
-            "p_value": result.p_value,
-            "log_lr": result.log_likelihood_ratio,
-            "interval": result.interval,
+            **_numbers(*first),
             "judged": candidate.judged,
+            **{signal: _numbers(result, n) for signal, (result, n) in results.items()},
         }
         breach = guardrail_breach(control, candidate, policy)
         if breach is not None:
             return Decision("rollback", f"guardrail: {breach}", candidate.variant, numbers)
-        enough = min(candidate.judged, control.judged) >= policy.min_ratings_per_variant
-        if not (enough and result.crossed(alpha)):
-            continue
-        assert result.difference is not None
-        if result.difference < 0:
-            return Decision(
-                "rollback",
-                f"positive rate {result.candidate_rate:.3f} below control's {result.control_rate:.3f} "
-                f"(always-valid p = {result.p_value:.4f} <= {alpha:.4f})",
-                candidate.variant,
-                numbers,
-            )
-        if best is None or result.difference > best[0]:
-            best = (result.difference, candidate, result)
+        for signal, (result, n) in results.items():
+            if not (n >= policy.min_ratings_per_variant and result.crossed(alpha)):
+                continue
+            assert result.difference is not None
+            if result.difference < 0:
+                return Decision(
+                    "rollback",
+                    f"{_WHAT[signal]} {result.candidate_rate:.3f} below {_AGAINST[signal]} "
+                    f"{result.control_rate:.3f} "
+                    f"(always-valid p = {result.p_value:.4f} <= {alpha:.4f})",
+                    candidate.variant,
+                    numbers,
+                )
+            if best is None or result.difference > best[0]:
+                best = (result.difference, candidate, result, signal)
     if best is not None:
-        _, candidate, result = best
+        _, candidate, result, signal = best
+        sample = (
+            f"n = {candidate.judged} / {control.judged}"
+            if signal == "ratings"
+            else f"{candidate.pairwise_wins} of {candidate.choices} choices"
+        )
         return Decision(
             "promote",
-            f"positive rate {result.candidate_rate:.3f} beats control's {result.control_rate:.3f} "
-            f"(always-valid p = {result.p_value:.4f} <= {alpha:.4f}, "
-            f"n = {candidate.judged} / {control.judged})",
+            f"{_WHAT[signal]} {result.candidate_rate:.3f} beats {_AGAINST[signal]} {result.control_rate:.3f} "
+            f"(always-valid p = {result.p_value:.4f} <= {alpha:.4f}, {sample})",
             candidate.variant,
             numbers,
         )
     return Decision("hold", "no significant difference yet", None, numbers)
+
+
+def _numbers(result: SequentialResult, n: int) -> dict:
+    return {
+        "difference": result.difference,
+        "p_value": result.p_value,
+        "log_lr": result.log_likelihood_ratio,
+        "interval": result.interval,
+        "n": n,
+    }

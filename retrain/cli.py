@@ -171,6 +171,9 @@ def simulate(
     max_ratings: Annotated[
         int, typer.Option(min=0, help="Most ratings or choices posted before each turn's run.")
     ] = 200,
+    after_users: Annotated[
+        int | None, typer.Option(min=1, help="Users per round of the canary; default: --users.")
+    ] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="Work folder; default: <data_dir>/simulate-<population>-<time>.")
     ] = None,
@@ -201,6 +204,7 @@ def simulate(
         train_config=simulation_config(train_steps),
         base_model=settings.model_path,
         max_ratings=max_ratings,
+        after_users=after_users,
     )
     for line in report.lines():
         typer.echo(line)

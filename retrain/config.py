@@ -130,13 +130,14 @@ class GateConfig(BaseModel):
 
     max_perplexity_ratio: float = Field(1.0, gt=0, description="Candidate perplexity / champion's, at most.")
     min_token_accuracy_gain: float = Field(
-        0.0, description="Candidate token accuracy - champion's, at least (see token_accuracy_z)."
+        0.0, description="Candidate token accuracy - champion's, at least (see noise_z)."
     )
-    token_accuracy_z: float = Field(
+    noise_z: float = Field(
         1.96,
         ge=0,
-        description="A token accuracy shortfall fails only beyond this many standard errors of the "
-        "difference (0: any shortfall), so a few tokens of a small held-out split do not decide.",
+        description="A shortfall of token accuracy or of the KTO reward AUC fails only beyond this many "
+        "standard errors (0: any shortfall), so a few tokens or answers of a small held-out split do "
+        "not decide.",
     )
     min_preference_accuracy: float = Field(
         0.5, ge=0, le=1, description="DPO: share of held-out pairs preferring the chosen answer."
@@ -146,7 +147,8 @@ class GateConfig(BaseModel):
         ge=0,
         lt=1,
         description="KTO: the implicit reward (candidate minus champion log-likelihood) must rank held-out "
-        "liked answers above disliked ones with an AUC above this.",
+        "liked answers above disliked ones with an AUC not below this by more than noise_z standard "
+        "errors (the rank test's under no effect).",
     )
     max_f1_drop: float = Field(
         0.02,
@@ -227,6 +229,11 @@ class RetrainConfig(BaseModel):
     canary_ramp: list[float] = Field(default_factory=lambda: [5, 25, 50])
     canary_min_samples_per_stage: int = Field(200, ge=1)
     canary_policy: PolicySpec = Field(default_factory=PolicySpec, description="The canary's decision policy.")
+    canary_metric: Literal["auto", "ratings", "choices", "both"] = Field(
+        "auto",
+        description="What the canary decides on (the policy's metric); auto: the kind of feedback "
+        "the run learned from (ratings, side-by-side choices, or both).",
+    )
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)

@@ -259,6 +259,16 @@ def reward_auc(candidate: Scores, champion: Scores) -> float | None:
     return sum((m > 0) + 0.5 * (m == 0) for m in moved) / len(moved)
 
 
+def auc_null_error(scores: Scores) -> float:
+    """The standard error of `reward_auc` when the reward ranks at random: the Mann-Whitney
+    statistic's, sqrt((n1 + n2 + 1) / (12 n1 n2)), or with one label a share's, sqrt(1 / 4n)."""
+    liked = sum(1 for label, _ in scores.labeled if label)
+    disliked = len(scores.labeled) - liked
+    if liked and disliked:
+        return math.sqrt((liked + disliked + 1) / (12 * liked * disliked))
+    return math.sqrt(0.25 / max(1, len(scores.labeled)))
+
+
 def held_out_count(scores: Scores, method: str | None) -> int:
     """The held-out examples of the method's own format (all of them when no method is named)."""
     own = {"sft": scores.examples, "kto": len(scores.labeled), "dpo": scores.pairs}
@@ -276,11 +286,14 @@ def gate(candidate: Scores, champion: Scores, config: GateConfig, method: str | 
     if method in (None, "sft"):
         reasons += _likelihood_reasons(candidate, champion, config)
     auc = reward_auc(candidate, champion)
-    if method in (None, "kto") and auc is not None and auc <= config.min_reward_auc:
-        reasons.append(
-            f"implicit reward ranks held-out liked over disliked answers with AUC {auc:.3f} "
-            f"(<= {config.min_reward_auc:.3f})"
-        )
+    if method in (None, "kto") and auc is not None:
+        error = auc_null_error(candidate)
+        if auc < config.min_reward_auc - config.noise_z * error:
+            reasons.append(
+                f"implicit reward ranks held-out liked over disliked answers with AUC {auc:.3f} "
+                f"(below {config.min_reward_auc:.3f} by more than {config.noise_z:g} standard errors "
+                f"of {error:.3f})"
+            )
     if (
         method in (None, "dpo")
         and candidate.preference_accuracy is not None
@@ -316,10 +329,10 @@ def _likelihood_reasons(candidate: Scores, champion: Scores, config: GateConfig)
             candidate.token_accuracy, candidate.tokens, champion.token_accuracy, champion.tokens
         )
         # A few held-out prompts are a few dozen tokens: two of them flipping is not a regression.
-        if shortfall < 0 and shortfall < -config.token_accuracy_z * error:
+        if shortfall < 0 and shortfall < -config.noise_z * error:
             reasons.append(
                 f"token accuracy gain {gain:+.4f} < {config.min_token_accuracy_gain:+.4f} "
-                f"(beyond {config.token_accuracy_z:g} standard errors of {error:.4f})"
+                f"(beyond {config.noise_z:g} standard errors of {error:.4f})"
             )
     return reasons
 

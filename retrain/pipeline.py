@@ -96,6 +96,17 @@ def choose_method(manifest: DatasetManifest, config: RetrainConfig) -> Method | 
     return None
 
 
+def canary_metric(manifest: DatasetManifest, config: RetrainConfig) -> str:
+    """What the candidate's canary decides on: the configured metric, or for `auto` the kind of
+    feedback the run learned from (ratings and corrections: ratings; side-by-side choices:
+    choices; both kinds: both), so users who only ever choose can promote what they taught."""
+    if config.canary_metric != "auto":
+        return config.canary_metric
+    sources = {source for counts in manifest.train_sources.values() for source, n in counts.items() if n}
+    rated, chosen = bool(sources - {"preference"}), "preference" in sources
+    return "both" if rated and chosen else "choices" if chosen else "ratings"
+
+
 def new_ratings_since(engine: Engine, since: datetime | None) -> int:
     """Ratings by users since `since` (labels of imported transcripts are not new traffic)."""
     with engine.connect() as connection:
@@ -325,10 +336,10 @@ class RetrainRunner:
             session.add(run)
             session.commit()
         if result.passed and self.config.canary:
-            self._start_canary(run_id, name)
+            self._start_canary(run_id, name, canary_metric(manifest, self.config))
         return self._get(run_id)
 
-    def _start_canary(self, run_id: str, name: str) -> None:
+    def _start_canary(self, run_id: str, name: str, metric: str) -> None:
         service = ExperimentService(self.engine, base_name=self.settings.model_name)
         if service.running() is not None:
             self._update(run_id, reason=f"registered {name}; no canary: an experiment is already running")
@@ -338,7 +349,7 @@ class RetrainRunner:
             variants=[VariantSpec(name="candidate", version=name)],
             ramp=self.config.canary_ramp,
             min_samples_per_stage=self.config.canary_min_samples_per_stage,
-            policy=self.config.canary_policy,
+            policy=self.config.canary_policy.model_copy(update={"metric": metric}),
         )
         service.start(spec, actor=f"retrain {run_id}")
 

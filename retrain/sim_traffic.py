@@ -161,7 +161,7 @@ def run_phase(
     round_name: str,
     seed: int = 0,
     max_ratings: int | None = None,
-    models: tuple[str, str] = (ALIAS, ALIAS),
+    models: tuple[str, str] | None = (ALIAS, ALIAS),
     arms: dict[str, str] | None = None,
     concurrency: int = CONCURRENCY,
 ) -> Phase:
@@ -170,7 +170,8 @@ def run_phase(
     `client` has the server as its base URL (and a timeout long enough for a CPU engine).
     A "rate" population chats with the alias (split by a running experiment: the
     `x-loopchat-variant` header names the arm) and rates the answer; a "compare" one gets two
-    answers of `models` (`arms`: model version -> arm name) and posts its choice.
+    answers of `models` (None: the running experiment's control and candidate; `arms`: model
+    version -> arm name) and posts its choice.
     """
     phase, budget = Phase(), _Budget(max_ratings)
     prompts = list(population.prompts)
@@ -181,7 +182,7 @@ def run_phase(
         messages = [{"role": "user", "content": prompt}]
         body = {"messages": messages, "user": user, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE}
         if population.mode == "compare":
-            return _compare(client, population, prompt, user, body, list(models), arms or {}, budget)
+            return _compare(client, population, prompt, user, body, models, arms or {}, budget)
         response = _post(client, "/v1/chat/completions", {**body, "seed": seed + i})
         answer = response.json()["choices"][0]["message"]["content"]
         seen = [(response.headers.get("x-loopchat-variant", "all"), bool(population.trait(prompt, answer)))]
@@ -208,12 +209,12 @@ def _compare(
     prompt: str,
     user: str,
     body: dict[str, Any],
-    models: list[str],
+    models: tuple[str, str] | None,
     arms: dict[str, str],
     budget: _Budget,
 ) -> tuple[list[tuple[str, bool]], list[str]]:
     # No seed: two answers of one version with one seed would be the same answer.
-    response = _post(client, "/v1/chat/compare", {**body, "models": models})
+    response = _post(client, "/v1/chat/compare", {**body, **({"models": list(models)} if models else {})})
     completions = response.json()["completions"]
     answers = [c["choices"][0]["message"]["content"] for c in completions]
     seen = [

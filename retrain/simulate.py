@@ -8,8 +8,7 @@ Each turn
 2. runs one retraining run (selection, dataset, training, the gate, registration) that starts
    a 50/50 canary experiment;
 3. after: users come in rounds, split by the canary, until the experiment decides (a compare
-   population sees the candidate next to the control; its choices do not count in the canary's
-   test, so it has one round);
+   population sees the candidate next to the control, and its choices decide the canary);
 4. reports how often answers had the population's trait before and, per arm, after, with the
    always-valid interval of the difference, the run and the A/B decision.
 
@@ -75,9 +74,10 @@ def simulation_config(
             "guardrail_min_ratings": 10_000,
         },
         selection=SelectionConfig(budget=1000),
-        # A fixed step count (the demo) keeps the demo's rate; else both follow the data.
+        # The learning rate follows the data and the method; so do the epochs unless the steps
+        # are fixed.
         training=TrainingConfig(
-            learning_rate=None if train_steps is None else 1e-3,
+            learning_rate=None,
             max_steps=-1 if train_steps is None else train_steps,
             batch_size=8,
             max_length=128,
@@ -137,18 +137,18 @@ def _after(
         return Phase(), {"action": "none", "reason": f"no canary {experiment}"}
     status.raise_for_status()
     control = status.json()["experiment"]["control"]
-    after, evaluated, compare = Phase(), {}, population.mode == "compare"
+    after, evaluated = Phase(), {}
     # Users keep coming until the experiment decides (a hash split may leave one arm short of
-    # the minimum sample at first); a bounded number of rounds.
-    rounds = 1 if compare else MAX_AFTER_ROUNDS
-    for round_index in range(rounds):
+    # the minimum sample at first); a bounded number of rounds. A compare population's pairs
+    # are the experiment's own (its control next to the candidate, counted in it).
+    for round_index in range(MAX_AFTER_ROUNDS):
         phase = run_phase(
             client,
             population,
             users,
             round_name=f"t{turn}-after{round_index}",
-            seed=seed + (round_index + 1) * users,
-            models=(control, candidate),
+            seed=seed + round_index * users,
+            models=None,
             arms={candidate: "candidate", control: "control"},
         )
         after.merge(phase)
@@ -169,8 +169,6 @@ def _after(
         "evaluated": evaluated.get("action"),
         "rounds": round_index + 1,
     }
-    if compare and running:
-        decision["reason"] = f"{decision['reason']}; side-by-side choices do not count in the canary's test"
     return after, decision
 
 
@@ -186,6 +184,7 @@ def run_simulation(
     database_url: str | None = None,
     base_model: Path | None = None,
     max_ratings: int | None = 200,
+    after_users: int | None = None,
     seed: int = 0,
     trigger: str = "simulate",
 ) -> SimulationReport:
@@ -193,7 +192,7 @@ def run_simulation(
 
     `max_ratings` caps the feedback posted in each turn's before phase (the signal its run
     trains on; None: no cap); the after phase rates every answer, since the canary decides on
-    those ratings. `train_config` (default `simulation_config()`) is the first turn's; later
+    those ratings, and has `after_users` users per round (default: `users`). `train_config` (default `simulation_config()`) is the first turn's; later
     turns start from the champion.
     """
     from feedback.db import make_engine
@@ -228,6 +227,7 @@ def run_simulation(
                 config=first,
                 users=users,
                 max_ratings=max_ratings,
+                after_users=after_users,
                 seed=seed,
                 trigger=trigger,
             )
@@ -250,6 +250,7 @@ def run_turns(
     config: RetrainConfig,
     users: int,
     max_ratings: int | None,
+    after_users: int | None = None,
     seed: int = 0,
     trigger: str = "simulate",
 ) -> list[TurnReport]:
@@ -265,6 +266,7 @@ def run_turns(
             headers,
             users=users,
             max_ratings=max_ratings,
+            after_users=after_users or users,
             seed=seed,
             trigger=trigger,
         )
@@ -286,12 +288,13 @@ def _turn(
     *,
     users: int,
     max_ratings: int | None,
+    after_users: int,
     seed: int,
     trigger: str,
 ) -> TurnReport:
     """One turn: users before, a retraining run, the canary's users after."""
     # Seeds differ per user, phase and turn (one version and one seed give one answer).
-    seed += (turn - 1) * (MAX_AFTER_ROUNDS + 1) * users
+    seed += (turn - 1) * (MAX_AFTER_ROUNDS + 1) * max(users, after_users)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     before = run_phase(
@@ -306,7 +309,9 @@ def _turn(
     after = Phase()
     if run.status == "registered" and run.candidate:
         started = time.perf_counter()
-        after, decision = _after(client, population, users, run.candidate, headers, turn=turn, seed=seed)
+        after, decision = _after(
+            client, population, after_users, run.candidate, headers, turn=turn, seed=seed + users
+        )
         seconds["chat after"] = time.perf_counter() - started
     summary, record = _run_summary(run), run.model_dump(mode="json")
     return TurnReport(population.name, turn, before, after, summary, decision, seconds, record)

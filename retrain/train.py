@@ -95,9 +95,11 @@ def trl_args(
     )
     if method == "sft":
         return SFTConfig(**common, completion_only_loss=True)
+    # The reference model is fixed (the LoRA's base), so its log-probabilities are computed once
+    # per example instead of once per epoch: a third fewer forward passes per step.
     if method == "kto":
-        return KTOConfig(**common, beta=config.beta, **manifest.kto_weights)
-    return DPOConfig(**common, beta=config.beta)
+        return KTOConfig(**common, beta=config.beta, precompute_ref_log_probs=True, **manifest.kto_weights)
+    return DPOConfig(**common, beta=config.beta, precompute_ref_log_probs=True)
 
 
 def train_adapter(

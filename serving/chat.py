@@ -128,6 +128,10 @@ class ChatService:
         newest = max(others, key=lambda v: (v.created, v.adapter.engine_id if v.adapter else 0))
         return active.name, newest.name
 
+    def comparison_routes(self, user: str | None, conversation_id: str) -> tuple[Route, Route] | None:
+        """The running experiment's side-by-side pair for this user (see ABRouter.pair)."""
+        return None if self._router is None else self._router.pair(user or conversation_id)
+
     async def prepare_routed(self, request: ChatCompletionRequest) -> PreparedChat:
         """`prepare`, with the alias routed by the running experiment (sticky per user and
         conversation); a request naming a version gets that version."""

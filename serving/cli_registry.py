@@ -331,7 +331,17 @@ def _print_status(status: dict) -> None:
             "-" if not interval else f"[{interval[0]:+.3f}, {interval[1]:+.3f}]",
         )
     console.print(table)
-    console.print(f"decision threshold: always-valid p <= {status['alpha']:.4f}")
+    for variant, test in status.get("choice_tests", {}).items():
+        low, high = test["interval"] or (None, None)
+        share = "-" if test["candidate_rate"] is None else f"{test['candidate_rate']:.3f}"
+        console.print(
+            f"{variant}: share of side-by-side choices {share} against 1/2, always-valid p "
+            f"{test['p_value']:.4f}"
+            + ("" if low is None else f", interval of share - 1/2 [{low:+.3f}, {high:+.3f}]")
+        )
+    console.print(
+        f"decides on {status.get('metric', 'ratings')}; threshold: always-valid p <= {status['alpha']:.4f}"
+    )
     decisions = Table("at (UTC)", "action", "variant", "by", "reason", "weights after")
     for decision in status["decisions"]:
         at = decision.created_at.strftime("%Y-%m-%d %H:%M:%S")

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from monitoring.abstats import DecisionPolicy
+from monitoring.abstats import DecisionPolicy, Metric
 from serving.registry import RegistryError
 
 CONTROL = "control"
@@ -48,7 +48,16 @@ class PolicySpec(BaseModel):
         0.05, gt=0, lt=0.5, description="Error rate of a promotion or roll-back on the metric."
     )
     tau: float = Field(0.08, gt=0, le=1, description="Effect size (rate difference) the test is tuned for.")
-    min_ratings_per_variant: int = Field(100, ge=1, description="Judged ratings per arm before a decision.")
+    min_ratings_per_variant: int = Field(
+        100,
+        ge=1,
+        description="Judged ratings per arm (or choices between candidate and control) before a decision.",
+    )
+    metric: Metric = Field(
+        "ratings",
+        description="Decide on judged ratings, on side-by-side choices between candidate and control "
+        "(the candidate's share against 1/2), or on both (each at alpha/2).",
+    )
     guardrail_min_requests: int = Field(
         20, ge=1, description="Requests before error/latency guardrails apply."
     )

@@ -22,7 +22,8 @@ from sqlmodel import Session, col, select
 
 from feedback.models import ABDecision, Experiment, ModelVersionRecord, utcnow
 from feedback.outcomes import experiment_outcomes
-from monitoring.abstats import Decision, VariantOutcome, compare, decide
+from monitoring.abstats import SIGNALS, Decision, VariantOutcome, decide
+from monitoring.abstats import tests as decision_tests
 from serving.experiment_spec import (
     CONTROL,
     ExperimentError,
@@ -85,15 +86,23 @@ class ExperimentService:
         outcomes = self.outcomes(experiment)
         policy = spec.policy.policy()
         candidates = [v for v in experiment.variants if v["name"] != CONTROL and not v.get("disabled")]
-        tests = {}
+        k = max(1, len(candidates))
+        # Per candidate, each test the policy decides on: the ratings test (or, for a policy on
+        # choices alone, the choices test) in "tests", the choices test in "choice_tests".
+        tests, choice_tests = {}, {}
         for variant in candidates:
-            result = compare(outcomes[CONTROL], outcomes[variant["name"]], policy, max(1, len(candidates)))
-            tests[variant["name"]] = asdict(result)
+            results = decision_tests(outcomes[CONTROL], outcomes[variant["name"]], policy, k)
+            first = results.get("ratings", results.get("choices"))
+            tests[variant["name"]] = asdict(first[0])
+            if "choices" in results:
+                choice_tests[variant["name"]] = asdict(results["choices"][0])
         return {
             "experiment": experiment,
             "outcomes": outcomes,
             "tests": tests,
-            "alpha": policy.alpha / max(1, len(candidates)),
+            "choice_tests": choice_tests,
+            "metric": policy.metric,
+            "alpha": policy.alpha / (k * len(SIGNALS[policy.metric])),
             "decisions": self.decisions(name),
         }
 

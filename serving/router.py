@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from serving.experiment_spec import CONTROL, assign
+from serving.experiment_spec import CONTROL, assign, bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +98,29 @@ class ABRouter:
         route = self.assign(user or conversation_id, table)
         self.pins.put(conversation_id, route)
         return route
+
+    def pair(self, key: str) -> tuple[Route, Route] | None:
+        """A side-by-side pair while an experiment runs (None: none runs, or it has no candidate
+        served here): the control next to the candidate `key` is assigned to, or, for a key on
+        the control, one picked by the same kind of hash. Both are counted in the experiment, so
+        the choice between them is evidence for the candidate or against it."""
+        table = self.table
+        experiment = table.experiment
+        if experiment is None:
+            return None
+        control = next(v for v in experiment.variants if v["name"] == CONTROL)
+        candidates = [
+            v
+            for v in experiment.variants
+            if v["name"] != CONTROL and not v.get("disabled") and v["version"] in table.servable
+        ]
+        if not candidates or control["version"] not in table.servable:
+            return None
+        assigned = self.assign(key, table)
+        if assigned.variant in (None, "", CONTROL):
+            picked = candidates[int(bucket(f"{experiment.salt}:pair", key) * len(candidates))]
+            assigned = Route(picked["version"], experiment.name, picked["name"])
+        return Route(control["version"], experiment.name, CONTROL), assigned
 
     @staticmethod
     def assign(key: str, table: RoutingTable) -> Route:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serving.chat import ChatService, CompletionResult, PreparedChat
+from serving.chat import ChatService, CompletionResult, PreparedChat, new_conversation_id
 from serving.deps import ChatServiceDep, PrincipalDep, ReadyDep
 from serving.errors import APIError
 from serving.protocol import (
@@ -71,13 +71,18 @@ async def compare_chat_completions(
     """Two answers to one prompt, from two model versions, for a side-by-side choice.
 
     Both are logged with one pair id; the order is shuffled so position says nothing about
-    the model. Send the choice to POST /v1/feedback/preference.
+    the model. Send the choice to POST /v1/feedback/preference. Without `models`, while an
+    experiment runs, the pair is its control and a candidate, and the choice counts in it.
     """
-    names = body.models or chat_service.comparison_models()
     pair_id = f"cmp-{uuid.uuid4().hex}"
-    chats = [await chat_service.prepare(body, model=name) for name in names]
+    conversation_id = (body.metadata or {}).get("conversation_id") or new_conversation_id()
+    routes = None if body.models else chat_service.comparison_routes(body.user, conversation_id)
+    if routes is not None:
+        chats = [await chat_service.prepare(body, route=r, conversation_id=conversation_id) for r in routes]
+    else:
+        names = body.models or chat_service.comparison_models()
+        chats = [await chat_service.prepare(body, model=n, conversation_id=conversation_id) for n in names]
     for chat in chats:
-        chat.conversation_id = chats[0].conversation_id
         chat.pair_id = pair_id
         chat.site = principal.site
     random.shuffle(chats)

@@ -67,7 +67,9 @@ async def experiment_status(name: str, service: ExperimentsDep, watcher: Watcher
     return {
         "experiment": experiment_json(status["experiment"]),
         "outcomes": {variant: o.as_dict() for variant, o in status["outcomes"].items()},
+        "metric": status["metric"],
         "tests": status["tests"],
+        "choice_tests": status["choice_tests"],
         "alpha": status["alpha"],
         "decisions": [d.model_dump(mode="json") for d in status["decisions"]],
     }

@@ -12,6 +12,7 @@ from monitoring.abstats import (
     VariantOutcome,
     decide,
     msprt,
+    msprt_share,
     predicted_samples_per_arm,
 )
 
@@ -122,3 +123,48 @@ def test_msprt_interval_and_edge_cases() -> None:
     assert empty.p_value == 1.0 and empty.interval is None
     # All-or-nothing rates do not make a difference look certain on a handful of samples.
     assert not msprt(0, 3, 3, 3).crossed(0.05)
+
+
+def choices(wins: int, losses: int) -> VariantOutcome:
+    return VariantOutcome("b", "b", pairwise_wins=wins, pairwise_losses=losses)
+
+
+def test_side_by_side_choices_decide_a_policy_on_choices() -> None:
+    policy = DecisionPolicy(metric="choices", min_ratings_per_variant=20)
+    control = VariantOutcome("control", "a")
+    # The candidate's share of choices against an even split; ratings do not count here.
+    assert decide(control, [choices(26, 4)], policy).action == "promote"
+    assert "share of side-by-side choices 0.867" in decide(control, [choices(26, 4)], policy).reason
+    assert decide(control, [choices(4, 26)], policy).action == "rollback"
+    assert decide(control, [choices(16, 14)], policy).action == "hold"
+    # Below the minimum sample, however lopsided.
+    assert decide(control, [choices(19, 0)], policy).action == "hold"
+    rated = VariantOutcome("b", "b", positive=90, negative=10)
+    assert decide(VariantOutcome("control", "a", positive=10, negative=90), [rated], policy).action == "hold"
+    assert msprt_share(0, 0).p_value == 1.0 and msprt_share(15, 30).difference == 0.0
+
+
+def test_a_policy_on_both_signals_tests_each_at_half_alpha() -> None:
+    both = DecisionPolicy(metric="both", min_ratings_per_variant=20)
+    control = VariantOutcome("control", "a", positive=50, negative=50)
+    candidate = VariantOutcome("b", "b", positive=50, negative=50, pairwise_wins=26, pairwise_losses=4)
+    decision = decide(control, [candidate], both)
+    assert decision.action == "promote" and decision.numbers["alpha"] == pytest.approx(0.025)
+    assert set(decision.numbers["variants"]["b"]) >= {"ratings", "choices", "p_value"}
+    # A/A with looks after every batch: either test may fire, together still within alpha.
+    rng = random.Random(11)
+    runs, promoted = 200, 0
+    for _ in range(runs):
+        control, candidate = VariantOutcome("control", "a"), VariantOutcome("b", "b")
+        for _ in range(60):
+            for outcome in (control, candidate):
+                up = sum(rng.random() < 0.5 for _ in range(BATCH))
+                outcome.positive += up
+                outcome.negative += BATCH - up
+            wins = sum(rng.random() < 0.5 for _ in range(BATCH))
+            candidate.pairwise_wins += wins
+            candidate.pairwise_losses += BATCH - wins
+            if decide(control, [candidate], DecisionPolicy(metric="both")).action == "promote":
+                promoted += 1
+                break
+    assert promoted / runs <= 0.05

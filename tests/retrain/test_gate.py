@@ -34,9 +34,19 @@ def test_a_kto_run_is_not_rejected_for_lacking_sft_held_out_data() -> None:
     assert result.passed, result.reasons
     # The same candidate judged as an SFT run has none of SFT's own held-out data.
     assert any("only 0 held-out sft examples" in r for r in gate(candidate, champion, OPEN, "sft").reasons)
-    # A KTO candidate that cannot tell liked from disliked fails on its own data.
-    flat = gate(labeled((True, -9.0), (False, -9.0)), champion, OPEN, "kto")
-    assert not flat.passed and "AUC 0.500" in flat.reasons[0]
+    # A KTO candidate that ranks liked answers below disliked ones fails on its own data, once
+    # there are enough of them to tell from chance (the champion's AUC is 1/2 by construction).
+    many = [(True, -10.0)] * 10 + [(False, -10.0)] * 10
+    reversed_ = [(True, -11.0)] * 10 + [(False, -9.0)] * 10
+    worse = gate(labeled(*reversed_), labeled(*many), OPEN, "kto")
+    assert (
+        not worse.passed
+        and "AUC 0.000 (below 0.500 by more than 1.96 standard errors of 0.132)" in worse.reasons[0]
+    )
+    # One liked and four disliked answers, all in the wrong order, are well within chance.
+    few = labeled((True, -10.0), *[(False, -10.0)] * 4)
+    assert gate(labeled((True, -11.0), *[(False, -9.0)] * 4), few, OPEN, "kto").passed
+    assert gate(labeled((True, -9.0), (False, -9.0)), champion, OPEN, "kto").passed
 
 
 def test_likelihood_checks_are_the_sft_runs_own() -> None:
@@ -69,7 +79,7 @@ def test_a_token_accuracy_shortfall_counts_only_beyond_its_noise() -> None:
     champion = Scores(examples=2, tokens=60, perplexity=5.0, token_accuracy=0.50)
     noisy = Scores(examples=2, tokens=60, perplexity=5.0, token_accuracy=0.465)
     assert gate(noisy, champion, OPEN, "sft").passed
-    assert not gate(noisy, champion, OPEN.model_copy(update={"token_accuracy_z": 0.0}), "sft").passed
+    assert not gate(noisy, champion, OPEN.model_copy(update={"noise_z": 0.0}), "sft").passed
     big_champion = Scores(examples=200, tokens=6000, perplexity=5.0, token_accuracy=0.50)
     worse = Scores(examples=200, tokens=6000, perplexity=5.0, token_accuracy=0.465)
     failed = gate(worse, big_champion, OPEN, "sft")

@@ -63,13 +63,18 @@ class StandInRunner:
         self.configs.append(config)
         return self
 
+    def policy(self) -> dict:
+        config = self.configs[-1]
+        metric = "ratings" if config.canary_metric == "auto" else config.canary_metric
+        return {**config.canary_policy.model_dump(), "metric": metric}
+
     def run(self, *, trigger: str) -> TrainingRun:
         name = f"cand{len(self.configs)}"
         adapter = {"name": name, "path": str(make_adapter_dir(self.folder / name))}
         assert self.client.post("/admin/adapters", json=adapter, headers=self.headers).status_code == 201
         spec = {"name": f"canary-{name}", "variants": [{"name": "candidate", "version": name}],
                 "ramp": self.configs[-1].canary_ramp, "min_samples_per_stage": 1,
-                "policy": self.configs[-1].canary_policy.model_dump()}  # fmt: skip
+                "policy": self.policy()}  # fmt: skip
         started = self.client.post("/admin/experiments", json=spec, headers=self.headers)
         assert started.status_code == 201, started.text
         counts = {"dataset": {"counts": {"sft": {"train": 9}}}}
@@ -130,7 +135,8 @@ def test_an_undecided_canary_is_stopped_before_the_next_turn(
     monkeypatch.setattr(simulate, "FLUSH_S", 0.0)
     monkeypatch.setattr(simulate, "MAX_AFTER_ROUNDS", 1)
     runner = StandInRunner(app_client, admin_headers, tmp_path)
-    # Compare users: their choices do not count in the canary's test, which stays undecided.
+    # Users who always choose the first answer (the order is shuffled) give no evidence either
+    # way: the canary stays undecided.
     reports = simulate.run_turns(
         app_client, AlwaysFirst(), runner, admin_headers, turns=2,
         config=simulate.simulation_config(), users=4, max_ratings=None,
@@ -140,8 +146,30 @@ def test_an_undecided_canary_is_stopped_before_the_next_turn(
     # Side by side after: one candidate and one control answer per user.
     assert first.after.by_variant == {"candidate": 4, "control": 4, "all": 8}
     assert first.after.rate("candidate") == 1.0 and first.after.rate("control") == 0.0
-    assert first.decision["status"] == "stopped" and "side-by-side" in first.decision["reason"]
+    assert first.decision["status"] == "stopped" and first.decision["action"] == "hold"
     assert second.decision["experiment"] == "canary-cand2" and second.decision["status"] == "running"
+
+
+class ChoosesAdapters(LikesAdapters):
+    name, mode = "chooses-adapters", "compare"
+
+
+def test_side_by_side_choices_decide_a_canary_on_choices(
+    app_client: TestClient, admin_headers: dict[str, str], tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(simulate, "SETTLE_S", 0.0)
+    monkeypatch.setattr(simulate, "FLUSH_S", 0.2)
+    runner = StandInRunner(app_client, admin_headers, tmp_path)
+    config = simulate.simulation_config().model_copy(update={"canary_metric": "choices"})
+    (report,) = simulate.run_turns(
+        app_client, ChoosesAdapters(), runner, admin_headers, turns=1, config=config, users=16,
+        max_ratings=None,
+    )  # fmt: skip
+    # Every user sees the control next to the candidate and chooses the candidate's answer.
+    assert report.after.by_variant["candidate"] == report.after.by_variant["control"] >= 10
+    assert report.after.feedback == {"choice": report.after.by_variant["candidate"]}
+    assert report.decision["action"] == "promote" and report.decision["status"] == "promoted"
+    assert "share of side-by-side choices 1.000" in report.decision["reason"]
 
 
 def test_a_phase_posts_feedback_the_api_stores_and_stops_at_max_ratings(

@@ -344,6 +344,46 @@ def test_a_better_candidate_is_promoted_and_takes_the_alias(
         assert versions == {"v1": "active"}
 
 
+def test_side_by_side_choices_during_an_experiment_count_in_it(
+    ab_settings: Settings, admin_headers, tmp_path: Path
+):
+    with app_client(ab_settings) as client:
+        register(client, admin_headers, "v1", tmp_path / "v1")
+        # A 5 % canary that decides on choices: every side-by-side user sees its answer.
+        policy = {"metric": "choices", "min_ratings_per_variant": 12}
+        start(client, admin_headers, variants=[{"name": "cand", "version": "v1", "weight": 5}], policy=policy)
+        ask = {"messages": USER, "max_tokens": 3}
+        for i in range(12):
+            pair = client.post("/v1/chat/compare", json={**ask, "user": f"user-{i}"}).json()
+            by_model = {c["model"]: c["id"] for c in pair["completions"]}
+            assert set(by_model) == {"fake-base", "v1"}
+            choice = {"chosen_completion_id": by_model["v1"], "rejected_completion_id": by_model["fake-base"],
+                      "user": f"user-{i}"}  # fmt: skip
+            assert client.post("/v1/feedback/preference", json=choice).status_code in (200, 201)
+        # Naming the versions compares them outside the experiment: not counted.
+        named = client.post("/v1/chat/compare", json={**ask, "models": ["fake-base", "v1"]}).json()
+        logged = wait_until(
+            lambda: rows(
+                ab_settings.db_url,
+                "SELECT id, experiment, variant FROM completion WHERE pair_id = :p",
+                p=named["id"],
+            )
+        )
+        assert len(logged) == 2 and {r["experiment"] for r in logged} == {""}
+
+        def status():
+            return client.get("/admin/experiments/exp1", headers=admin_headers).json()
+
+        counted = wait_until(lambda: status()["outcomes"]["cand"]["pairwise_wins"] == 12)
+        assert counted, status()["outcomes"]
+        current = status()
+        assert current["metric"] == "choices" and current["outcomes"]["control"]["pairwise_losses"] == 12
+        assert current["choice_tests"]["cand"]["candidate_rate"] == 1.0
+        decision = client.post("/admin/experiments/exp1/evaluate", headers=admin_headers).json()
+        assert decision["action"] == "promote", decision
+        assert "share of side-by-side choices 1.000" in decision["reason"]
+
+
 def test_the_ramp_advances_after_the_minimum_samples(ab_settings: Settings, admin_headers, tmp_path: Path):
     with app_client(ab_settings) as client:
         register(client, admin_headers, "v1", tmp_path / "v1")

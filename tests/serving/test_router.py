@@ -86,3 +86,26 @@ async def test_pins_come_from_the_log_when_this_process_has_not_seen_the_convers
     # After the experiment ends the conversation keeps its version, no longer tagged with it.
     router.update(RoutingTable(active="base", servable=frozenset({"base", "adapter-v2"})))
     assert await router.route(None, "conv-known", existing=True) == Route("adapter-v2")
+
+
+def test_a_side_by_side_pair_is_the_control_and_the_users_candidate() -> None:
+    router = ABRouter("base")
+    assert router.pair("user-1") is None  # no experiment
+    router.update(table())
+    pairs = [router.pair(f"user-{i}") for i in range(200)]
+    # Every pair puts the control next to the candidate, both counted in the experiment, and a
+    # user on the candidate keeps it.
+    assert all(p == (Route("base", "exp", CONTROL), Route("adapter-v2", "exp", "v2")) for p in pairs)
+    three = [*VARIANTS, {"name": "v3", "version": "adapter-v3", "weight": 25.0}]
+    router.update(table(three, servable=("base", "adapter-v2", "adapter-v3")))
+    for i in range(300):
+        assigned = ABRouter.assign(f"user-{i}", router.table)
+        control, candidate = router.pair(f"user-{i}")
+        assert control.variant == CONTROL and candidate.variant in ("v2", "v3")
+        if assigned.variant != CONTROL:
+            assert candidate == assigned
+    picked = {router.pair(f"user-{i}")[1].variant for i in range(300)}
+    assert picked == {"v2", "v3"}
+    # Without a candidate served here there is no pair.
+    router.update(table(servable=("base",)))
+    assert router.pair("user-1") is None
