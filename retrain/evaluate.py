@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ class Scores:
     perplexity: float | None = None
     token_accuracy: float | None = None
     token_f1: float | None = None
+    # Per held-out prompt, in file order (candidate and champion answer the same prompts).
+    f1_each: list[float] = field(default_factory=list)
     pairs: int = 0
     preference_accuracy: float | None = None
     # KTO held-out rows in file order: (label, answer log-likelihood).
@@ -222,7 +225,7 @@ def score(
             token_f1(scorer.generate(r["prompt"], gate.max_new_tokens), r["completion"][0]["content"])
             for r in sample
         ]
-        scores.token_f1 = sum(f1) / len(f1)
+        scores.token_f1, scores.f1_each = sum(f1) / len(f1), f1
     pairs = _sample(_rows(manifest.file("dpo", split)), gate.max_examples)
     if pairs:
         wins = 0
@@ -294,23 +297,38 @@ def gate(candidate: Scores, champion: Scores, config: GateConfig, method: str | 
                 f"(below {config.min_reward_auc:.3f} by more than {config.noise_z:g} standard errors "
                 f"of {error:.3f})"
             )
-    if (
-        method in (None, "dpo")
-        and candidate.preference_accuracy is not None
-        and candidate.preference_accuracy < config.min_preference_accuracy
-    ):
-        reasons.append(
-            f"preference accuracy {candidate.preference_accuracy:.3f} < {config.min_preference_accuracy:.3f}"
-        )
+    accuracy = candidate.preference_accuracy
+    if method in (None, "dpo") and accuracy is not None and candidate.pairs:
+        # A share of pairs: its standard error if the model chose at random.
+        error = math.sqrt(0.25 / candidate.pairs)
+        if accuracy < config.min_preference_accuracy - config.noise_z * error:
+            reasons.append(
+                f"preference accuracy {accuracy:.3f} on {candidate.pairs} held-out pairs (below "
+                f"{config.min_preference_accuracy:.3f} by more than {config.noise_z:g} standard errors "
+                f"of {error:.3f})"
+            )
     if candidate.token_f1 is not None and champion.token_f1 is not None:
         drop = champion.token_f1 - candidate.token_f1
-        if drop > config.max_f1_drop:
+        error = _paired_error(champion.f1_each, candidate.f1_each)
+        if drop > config.max_f1_drop + config.noise_z * error:
+            beyond = f" + {config.noise_z:g} standard errors of {error:.3f}" if error else ""
             reasons.append(
                 f"generated answers are further from what users wanted: token F1 {candidate.token_f1:.3f} "
-                f"vs champion {champion.token_f1:.3f} (drop {drop:.3f} > {config.max_f1_drop:.3f})"
+                f"vs champion {champion.token_f1:.3f} (drop {drop:.3f} > {config.max_f1_drop:.3f}{beyond})"
             )
     reasons += _bias_reasons(candidate.bias, champion.bias, config)
     return GateResult(not reasons, reasons, candidate, champion, {"method": method, "reward_auc": auc})
+
+
+def _paired_error(champion: list[float], candidate: list[float]) -> float:
+    """The standard error of the mean per-prompt difference (0 without per-prompt figures; one
+    prompt is no evidence: infinite)."""
+    if not champion or len(champion) != len(candidate):
+        return 0.0
+    if len(champion) < 2:
+        return math.inf
+    differences = [a - b for a, b in zip(champion, candidate, strict=True)]
+    return statistics.stdev(differences) / math.sqrt(len(differences))
 
 
 def _likelihood_reasons(candidate: Scores, champion: Scores, config: GateConfig) -> list[str]:

@@ -121,11 +121,10 @@ def score_candidates(engine: Engine, config: SelectionConfig) -> list[Candidate]
         ids = [cid for cid in signals if cid not in used]
         candidates = []
         for chunk in _chunks(ids):
-            rows = connection.execute(
-                select(_c.id, _c.prompt_hash, _c.logprob_mean).where(
-                    _c.id.in_(chunk), _c.error.is_(None), _c.source.in_(config.sources)
-                )
-            )
+            where = [_c.id.in_(chunk), _c.error.is_(None), _c.source.in_(config.sources)]
+            if config.since is not None:
+                where.append(_c.created_at >= config.since)
+            rows = connection.execute(select(_c.id, _c.prompt_hash, _c.logprob_mean).where(*where))
             for completion_id, prompt_hash, logprob_mean in rows:
                 found = signals[completion_id]
                 reasons, score = [], 0.0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -192,8 +193,8 @@ def run_simulation(
 
     `max_ratings` caps the feedback posted in each turn's before phase (the signal its run
     trains on; None: no cap); the after phase rates every answer, since the canary decides on
-    those ratings, and has `after_users` users per round (default: `users`). `train_config` (default `simulation_config()`) is the first turn's; later
-    turns start from the champion.
+    those ratings, and has `after_users` users per round (default: `users`). `train_config`
+    (default `simulation_config()`) is the first turn's; later turns start from the champion.
     """
     from feedback.db import make_engine
     from retrain.pipeline import RetrainRunner
@@ -203,7 +204,10 @@ def run_simulation(
     if isinstance(population, str):
         population = load_population(population)
     check_population(population)
+    # Only this simulation's users teach its runs, also on a server with other traffic.
     first = train_config or simulation_config()
+    since = datetime.now(UTC)
+    first = first.model_copy(update={"selection": first.selection.model_copy(update={"since": since})})
     base_model = base_model or prepare(data_dir / "models" / "SmolLM2-135M-Instruct")
     server = None
     started = time.perf_counter()

@@ -123,6 +123,9 @@ def test_msprt_interval_and_edge_cases() -> None:
     assert empty.p_value == 1.0 and empty.interval is None
     # All-or-nothing rates do not make a difference look certain on a handful of samples.
     assert not msprt(0, 3, 3, 3).crossed(0.05)
+    # The interval stays within what a difference of two rates (or a share - 1/2) can be.
+    assert msprt(2, 22, 19, 26).interval[1] == 1.0 and msprt(19, 26, 2, 22).interval[0] == -1.0
+    assert msprt_share(20, 20).interval[1] == 0.5 and msprt_share(0, 20).interval[0] == -0.5
 
 
 def choices(wins: int, losses: int) -> VariantOutcome:

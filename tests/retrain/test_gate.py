@@ -84,3 +84,27 @@ def test_a_token_accuracy_shortfall_counts_only_beyond_its_noise() -> None:
     worse = Scores(examples=200, tokens=6000, perplexity=5.0, token_accuracy=0.465)
     failed = gate(worse, big_champion, OPEN, "sft")
     assert not failed.passed and "token accuracy gain -0.0350" in failed.reasons[0]
+
+
+def test_a_dpo_candidate_fails_on_held_out_pairs_only_beyond_chance() -> None:
+    champion = Scores(pairs=1, preference_accuracy=1.0)
+    # One held-out pair the wrong way round is a coin toss, not evidence.
+    assert gate(Scores(pairs=1, preference_accuracy=0.0), champion, OPEN, "dpo").passed
+    # Twenty pairs mostly the wrong way round are.
+    worse = gate(Scores(pairs=20, preference_accuracy=0.2), champion, OPEN, "dpo")
+    assert not worse.passed
+    assert "0.200 on 20 held-out pairs (below 0.500 by more than 1.96 standard errors" in worse.reasons[0]
+
+
+def test_a_token_f1_drop_counts_only_beyond_the_spread_of_its_prompts() -> None:
+    def answers(*f1: float) -> Scores:
+        return Scores(examples=len(f1), pairs=len(f1), labeled=[(True, -1.0)] * len(f1),
+                      token_f1=sum(f1) / len(f1), f1_each=list(f1))  # fmt: skip
+
+    # One held-out prompt answered differently is no evidence either way.
+    assert gate(answers(0.28), answers(0.55), OPEN, "kto").passed
+    # Four prompts that all lost what users wanted are.
+    lost = gate(answers(0.10, 0.12, 0.15, 0.11), answers(0.31, 0.33, 0.30, 0.35), OPEN, "dpo")
+    assert not lost.passed and "standard errors of" in lost.reasons[0]
+    # Four prompts of which one moved a lot and the others not at all: within their spread.
+    assert gate(answers(0.0, 0.3, 0.3, 0.3), answers(0.5, 0.3, 0.3, 0.3), OPEN, "sft").passed

@@ -101,3 +101,12 @@ def test_minilm_embeddings_load_offline_and_group_paraphrases(engine) -> None:
     assert vectors.shape == (3, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert vectors[0] @ vectors[1] > 0.7 > vectors[0] @ vectors[2]
+
+
+def test_only_completions_since_a_time_are_candidates(engine) -> None:
+    earlier = log_completion(engine, "old question", "old answer", thumb="down")
+    since = datetime.now(UTC)
+    later = log_completion(engine, "new question", "new answer", thumb="down")
+    picked = select_samples(engine, SelectionConfig(budget=10, embed=False, since=since)).completion_ids
+    assert picked == {later}
+    assert select_samples(engine, SelectionConfig(budget=10, embed=False)).completion_ids == {earlier, later}
