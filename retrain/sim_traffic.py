@@ -182,7 +182,9 @@ def run_phase(
         messages = [{"role": "user", "content": prompt}]
         body = {"messages": messages, "user": user, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE}
         if population.mode == "compare":
-            return _compare(client, population, prompt, user, body, models, arms or {}, budget)
+            # Seeded (the pair's second answer takes the next seed): a phase is reproducible.
+            compare = {**body, "seed": seed + 2 * i}
+            return _compare(client, population, prompt, user, compare, models, arms or {}, budget)
         response = _post(client, "/v1/chat/completions", {**body, "seed": seed + i})
         answer = response.json()["choices"][0]["message"]["content"]
         seen = [(response.headers.get("x-loopchat-variant", "all"), bool(population.trait(prompt, answer)))]
@@ -213,7 +215,6 @@ def _compare(
     arms: dict[str, str],
     budget: _Budget,
 ) -> tuple[list[tuple[str, bool]], list[str]]:
-    # No seed: two answers of one version with one seed would be the same answer.
     response = _post(client, "/v1/chat/compare", {**body, **({"models": list(models)} if models else {})})
     completions = response.json()["completions"]
     answers = [c["choices"][0]["message"]["content"] for c in completions]

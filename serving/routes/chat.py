@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -15,6 +16,7 @@ from serving.chat import ChatService, CompletionResult, PreparedChat, new_conver
 from serving.deps import ChatServiceDep, PrincipalDep, ReadyDep
 from serving.errors import APIError
 from serving.protocol import (
+    SEED_MAX,
     ChatCompareRequest,
     ChatComparison,
     ChatCompletion,
@@ -71,7 +73,8 @@ async def compare_chat_completions(
     """Two answers to one prompt, from two model versions, for a side-by-side choice.
 
     Both are logged with one pair id; the order is shuffled so position says nothing about
-    the model. Send the choice to POST /v1/feedback/preference. Without `models`, while an
+    the model. Send the choice to POST /v1/feedback/preference. A `seed` makes the pair
+    reproducible (the second answer takes the next seed). Without `models`, while an
     experiment runs, the pair is its control and a candidate, and the choice counts in it.
     """
     pair_id = f"cmp-{uuid.uuid4().hex}"
@@ -82,9 +85,14 @@ async def compare_chat_completions(
     else:
         names = body.models or chat_service.comparison_models()
         chats = [await chat_service.prepare(body, model=n, conversation_id=conversation_id) for n in names]
-    for chat in chats:
+    for index, chat in enumerate(chats):
         chat.pair_id = pair_id
         chat.site = principal.site
+        if body.seed is not None:
+            # One seed for both would give one version's two answers alike: the second answer
+            # takes the next seed (the previous one at the top of the range).
+            seed = body.seed + index if body.seed < SEED_MAX else body.seed - index
+            chat.options = dataclasses.replace(chat.options, seed=seed)
     random.shuffle(chats)
     done = await _unless_disconnected(request, asyncio.gather(*(chat_service.complete(c) for c in chats)))
     return JSONResponse(
