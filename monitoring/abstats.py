@@ -301,14 +301,18 @@ def compare_choices(candidate: VariantOutcome, policy: DecisionPolicy, k: int = 
     return msprt_share(candidate.pairwise_wins, candidate.choices, tau=policy.tau, alpha=policy.alpha / k)
 
 
+def tests_per_alpha(policy: DecisionPolicy, k: int = 1) -> int:
+    """How many tests share the policy's alpha (Bonferroni): k candidates times its signals."""
+    return max(1, k) * len(SIGNALS[policy.metric])
+
+
 def tests(
     control: VariantOutcome, candidate: VariantOutcome, policy: DecisionPolicy, k: int = 1
 ) -> dict[str, tuple[SequentialResult, int]]:
     """Each test the policy decides on, at its share of alpha: signal -> (result, sample)."""
-    signals = SIGNALS[policy.metric]
-    share = k * len(signals)
+    share = tests_per_alpha(policy, k)
     done: dict[str, tuple[SequentialResult, int]] = {}
-    for signal in signals:
+    for signal in SIGNALS[policy.metric]:
         if signal == "ratings":
             done[signal] = (compare(control, candidate, policy, share), min(candidate.judged, control.judged))
         else:
@@ -329,7 +333,7 @@ def decide(control: VariantOutcome, candidates: list[VariantOutcome], policy: De
     a signal is promoted.
     """
     k = max(1, len(candidates))
-    alpha = policy.alpha / (k * len(SIGNALS[policy.metric]))
+    alpha = policy.alpha / tests_per_alpha(policy, k)
     numbers: dict = {"alpha": alpha, "tau": policy.tau, "metric": policy.metric, "variants": {}}
     best: tuple[float, VariantOutcome, SequentialResult, str] | None = None
     for candidate in candidates:

@@ -269,7 +269,12 @@ def auc_null_error(scores: Scores) -> float:
     disliked = len(scores.labeled) - liked
     if liked and disliked:
         return math.sqrt((liked + disliked + 1) / (12 * liked * disliked))
-    return math.sqrt(0.25 / max(1, len(scores.labeled)))
+    return coin_toss_error(len(scores.labeled))
+
+
+def coin_toss_error(n: int) -> float:
+    """The standard error of a share of n outcomes that are each a coin toss: sqrt(1 / 4n)."""
+    return math.sqrt(0.25 / max(1, n))
 
 
 def held_out_count(scores: Scores, method: str | None) -> int:
@@ -300,7 +305,7 @@ def gate(candidate: Scores, champion: Scores, config: GateConfig, method: str | 
     accuracy = candidate.preference_accuracy
     if method in (None, "dpo") and accuracy is not None and candidate.pairs:
         # A share of pairs: its standard error if the model chose at random.
-        error = math.sqrt(0.25 / candidate.pairs)
+        error = coin_toss_error(candidate.pairs)
         if accuracy < config.min_preference_accuracy - config.noise_z * error:
             reasons.append(
                 f"preference accuracy {accuracy:.3f} on {candidate.pairs} held-out pairs (below "

@@ -22,7 +22,7 @@ from sqlmodel import Session, col, select
 
 from feedback.models import ABDecision, Experiment, ModelVersionRecord, utcnow
 from feedback.outcomes import experiment_outcomes
-from monitoring.abstats import SIGNALS, Decision, VariantOutcome, decide
+from monitoring.abstats import Decision, VariantOutcome, decide, tests_per_alpha
 from monitoring.abstats import tests as decision_tests
 from serving.experiment_spec import (
     CONTROL,
@@ -102,7 +102,7 @@ class ExperimentService:
             "tests": tests,
             "choice_tests": choice_tests,
             "metric": policy.metric,
-            "alpha": policy.alpha / (k * len(SIGNALS[policy.metric])),
+            "alpha": policy.alpha / tests_per_alpha(policy, k),
             "decisions": self.decisions(name),
         }
 
