@@ -415,7 +415,16 @@ def main() -> int:
         print(json.dumps(results["throughput"]))
     if args.only in (None, "curve"):
         print(f"== ratings-to-lift curve: {args.curve_populations} after {args.curve_ratings} ratings")
-        results["curve"] = lift_curve(args.curve_populations, args.curve_ratings, args.curve_after_users)
+        measured = lift_curve(args.curve_populations, args.curve_ratings, args.curve_after_users)
+        for row in measured:
+            row["date"] = results["date"]
+        # Populations not run this time keep their earlier rows (each row says when it was measured).
+        kept = [
+            {"date": previous["date"], **row}
+            for row in previous.get("curve", [])
+            if row["population"] not in args.curve_populations
+        ]
+        results["curve"] = kept + measured
     for part in ("stages", "selection", "throughput", "curve"):
         if part in results:
             continue
@@ -477,8 +486,9 @@ def curve_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "Ratings-to-lift curve: one simulated turn per point (`loopchat simulate` defaults, fresh server "
         "and database); lift = candidate's rate of the trait - control's, always-valid 95 % interval.",
         "",
-        "| population | ratings | method | before | candidate | control | lift [interval] | decision | s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| population | ratings | method | before | candidate | control | lift [interval] | decision | s "
+        "| measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         answers = r["answers"]
@@ -489,7 +499,8 @@ def curve_markdown(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['population']} | {r['ratings']} | {r['method']} ({r['status']}) | {r['before']:.2f} | "
             f"{r['candidate']:.2f} ({answers.get('candidate', 0)}) | {r['control']:.2f} "
-            f"({answers.get('control', 0)}) | {lift} | {r['decision']} | {r['seconds']:.0f} |"
+            f"({answers.get('control', 0)}) | {lift} | {r['decision']} | {r['seconds']:.0f} | "
+            f"{r.get('date', '')[:10]} |"
         )
     return [*lines, ""]
 

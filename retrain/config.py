@@ -230,7 +230,22 @@ class RetrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["auto", "sft", "kto", "dpo"] = Field(
-        "auto", description="auto: DPO with enough preference pairs, else KTO with enough labels, else SFT."
+        "auto",
+        description="auto: corrections as SFT targets, else side-by-side choices as DPO pairs, else thumbs "
+        "and stars as KTO labels, else liked answers as SFT (and see `combine`).",
+    )
+    combine: bool = Field(
+        True,
+        description="auto: after the most direct teacher, one more stage on another kind of feedback "
+        "(SFT on corrections, then DPO on side-by-side choices or KTO on thumbs and stars; DPO, then "
+        "KTO), kept only when it does better on validation (needs `training.min_validation` "
+        "validation examples of both methods; retrain/stages.py).",
+    )
+    combine_tolerance: float = Field(
+        0.02,
+        ge=0,
+        description="A kept second stage may lose at most this share of the first stage's validation "
+        "figure (SFT perplexity, DPO preference accuracy).",
     )
     start_from: Literal["champion", "base"] = Field(
         "champion", description="Train on top of the active adapter, or fresh from the base model."

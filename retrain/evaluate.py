@@ -24,6 +24,7 @@ import json
 import math
 import statistics
 from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -277,24 +278,28 @@ def coin_toss_error(n: int) -> float:
     return math.sqrt(0.25 / max(1, n))
 
 
-def held_out_count(scores: Scores, method: str | None) -> int:
-    """The held-out examples of the method's own format (all of them when no method is named)."""
+def held_out_count(scores: Scores, methods: Collection[str]) -> int:
+    """The held-out examples of the methods' own formats."""
     own = {"sft": scores.examples, "kto": len(scores.labeled), "dpo": scores.pairs}
-    return own[method] if method in own else sum(own.values())
+    return sum(own[method] for method in methods)
 
 
-def gate(candidate: Scores, champion: Scores, config: GateConfig, method: str | None = None) -> GateResult:
+def gate(
+    candidate: Scores, champion: Scores, config: GateConfig, method: str | Sequence[str] | None = None
+) -> GateResult:
     """Pass or fail, with every reason (all checks are reported, not only the first failure).
-    `method` names the training objective whose own held-out data decides (None: all apply)."""
+    `method` names the training objective (or the stages of a combined run) whose own held-out
+    data decides (None: all apply)."""
     reasons: list[str] = []
-    own = held_out_count(candidate, method)
+    judged = (method,) if isinstance(method, str) else tuple(method or ("sft", "kto", "dpo"))
+    own = held_out_count(candidate, judged)
     if own < config.min_examples:
-        kind = f"{method} " if method else ""
+        kind = f"{'+'.join(judged)} " if method else ""
         reasons.append(f"only {own} held-out {kind}examples (< {config.min_examples})")
-    if method in (None, "sft"):
+    if "sft" in judged:
         reasons += _likelihood_reasons(candidate, champion, config)
     auc = reward_auc(candidate, champion)
-    if method in (None, "kto") and auc is not None:
+    if "kto" in judged and auc is not None:
         error = auc_null_error(candidate)
         if auc < config.min_reward_auc - config.noise_z * error:
             reasons.append(
@@ -303,7 +308,7 @@ def gate(candidate: Scores, champion: Scores, config: GateConfig, method: str | 
                 f"of {error:.3f})"
             )
     accuracy = candidate.preference_accuracy
-    if method in (None, "dpo") and accuracy is not None and candidate.pairs:
+    if "dpo" in judged and accuracy is not None and candidate.pairs:
         # A share of pairs: its standard error if the model chose at random.
         error = coin_toss_error(candidate.pairs)
         if accuracy < config.min_preference_accuracy - config.noise_z * error:
@@ -322,7 +327,8 @@ def gate(candidate: Scores, champion: Scores, config: GateConfig, method: str | 
                 f"vs champion {champion.token_f1:.3f} (drop {drop:.3f} > {config.max_f1_drop:.3f}{beyond})"
             )
     reasons += _bias_reasons(candidate.bias, champion.bias, config)
-    return GateResult(not reasons, reasons, candidate, champion, {"method": method, "reward_auc": auc})
+    label = "+".join(judged) if method else None
+    return GateResult(not reasons, reasons, candidate, champion, {"method": label, "reward_auc": auc})
 
 
 def _paired_error(champion: list[float], candidate: list[float]) -> float:

@@ -37,6 +37,7 @@ from retrain.config import Method, RetrainConfig
 from retrain.dataset import DatasetManifest, build_dataset
 from retrain.evaluate import GateResult, gate, score
 from retrain.select import select_samples
+from retrain.stages import choose_method, choose_stages, follow_up
 from retrain.train import TrainResult, search_trials, train_adapter
 from serving.experiment_spec import ExperimentSpec, VariantSpec
 from serving.experiments import ExperimentService
@@ -74,26 +75,6 @@ def retrain_lock(engine: Engine, owner: str) -> Iterator[None]:
             connection.execute(
                 update(table).where(table.c.name == LOCK, table.c.owner == owner).values(owner=None)
             )
-
-
-def choose_method(manifest: DatasetManifest, config: RetrainConfig) -> Method | None:
-    """The configured method, or for `auto` the most direct teacher with enough examples:
-    corrections (the answer users wanted: SFT targets), then side-by-side choices (DPO pairs),
-    then judged answers, however skewed (KTO labels, stars weighted by strength), then liked
-    answers alone (SFT). Correction pairs alone never choose DPO: a correction teaches best as
-    the target itself (a DPO run on them learned the fact less than the base knew it)."""
-    enough = config.min_examples
-    if config.method != "auto":
-        return config.method if manifest.size(config.method) >= enough else None
-    if manifest.source_size("sft", "correction") >= enough:
-        return "sft"
-    if manifest.source_size("dpo", "preference") >= enough:
-        return "dpo"
-    if manifest.size("kto") >= enough:
-        return "kto"
-    if manifest.size("sft") >= enough:
-        return "sft"
-    return None
 
 
 def canary_metric(manifest: DatasetManifest, config: RetrainConfig) -> str:
@@ -232,18 +213,21 @@ class RetrainRunner:
 
         start_adapter = Path(champion.adapter_path) if champion and config.start_from == "champion" else None
         champion_name = champion.name if champion else self.settings.model_name
-        name = f"{self.settings.model_name.split('-')[0].lower()}-{run_id.removeprefix('run-')}-{method}"
+        stem = f"{self.settings.model_name.split('-')[0].lower()}-{run_id.removeprefix('run-')}"
 
         started = time.perf_counter()
-        trained = self._train(method, manifest, name, start_adapter)
+        trained = self._train(method, manifest, f"{stem}-{method}", start_adapter)
+        metrics["training"] = self._training_metrics(trained)
+        stages: list[Method] = [method]
+        second = follow_up(manifest, config, method)
+        if second is not None:
+            trained, kept = self._second_stage(trained, method, second, manifest, f"{stem}-{method}-{second}")
+            metrics["training"]["second_stage"] = kept
+            if kept["kept"]:
+                stages.append(second)
         timings["train"] = time.perf_counter() - started
-        metrics["training"] = {
-            **trained.metrics,
-            "tokens": trained.tokens,
-            "tokens_per_second": trained.tokens_per_second,
-            "train_seconds": trained.seconds,
-        }
-        self._update(run_id, method=method, metrics=metrics, durations=timings)
+        label = "+".join(stages)
+        self._update(run_id, method=label, metrics=metrics, durations=timings)
 
         started = time.perf_counter()
         base = self.settings.model_path
@@ -251,12 +235,61 @@ class RetrainRunner:
         champion_scores = score(
             base, Path(champion.adapter_path) if champion else None, manifest, config.gate
         )
-        result = gate(candidate_scores, champion_scores, config.gate, method)
+        result = gate(candidate_scores, champion_scores, config.gate, stages)
         timings["evaluate"] = time.perf_counter() - started
         metrics["evaluation"] = result.metrics()
         return self._register(
-            run_id, name, method, manifest, trained, result, champion_name, metrics, timings
+            run_id,
+            f"{stem}-{'-'.join(stages)}",
+            label,
+            manifest,
+            trained,
+            result,
+            champion_name,
+            metrics,
+            timings,
         )
+
+    @staticmethod
+    def _training_metrics(trained: TrainResult) -> dict[str, Any]:
+        return {
+            **trained.metrics,
+            "tokens": trained.tokens,
+            "tokens_per_second": trained.tokens_per_second,
+            "train_seconds": trained.seconds,
+        }
+
+    def _second_stage(
+        self, first: TrainResult, first_method: Method, method: Method, manifest: DatasetManifest, name: str
+    ) -> tuple[TrainResult, dict[str, Any]]:
+        """Continue the first stage's adapter on `method` (its reference: the first stage), and keep
+        whichever of the two does better on validation (retrain/stages.py)."""
+        both = self._train(method, manifest, name, first.adapter_dir)
+        likelihoods = self.config.gate.model_copy(update={"generate_f1": False, "bias_probe": False})
+        base = self.settings.model_path
+        choice = choose_stages(
+            score(base, first.adapter_dir, manifest, likelihoods, split="validation"),
+            score(base, both.adapter_dir, manifest, likelihoods, split="validation"),
+            first_method,
+            method,
+            self.config.combine_tolerance,
+        )
+        logger.info("second stage %s %s: %s", method, "kept" if choice.keep else "dropped", choice.reason)
+        info = {
+            "method": method,
+            "kept": choice.keep,
+            "reason": choice.reason,
+            **choice.figures,
+            **self._training_metrics(both),
+        }
+        if not choice.keep:
+            shutil.rmtree(both.adapter_dir, ignore_errors=True)
+            return first, info
+        shutil.rmtree(first.adapter_dir, ignore_errors=True)
+        both.hyperparameters["stages"] = [first.hyperparameters, dict(both.hyperparameters)]
+        both.tokens += first.tokens
+        both.seconds += first.seconds
+        return both, info
 
     def _train(self, method: Method, manifest: DatasetManifest, name: str, start: Path | None) -> TrainResult:
         """Train into a temporary folder beside the final one (a search keeps the best trial)."""
@@ -290,7 +323,7 @@ class RetrainRunner:
         self,
         run_id: str,
         name: str,
-        method: Method,
+        method: str,
         manifest: DatasetManifest,
         trained: TrainResult,
         result: GateResult,

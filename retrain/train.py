@@ -166,7 +166,9 @@ def train_adapter(
         if validation is not None:
             metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)})
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(str(out_dir))
+        # Only the trained adapter: KTO and DPO add a frozen copy of a start adapter ("ref", their
+        # reference model: the champion or the first stage), which is not part of the version.
+        trainer.model.save_pretrained(str(out_dir), selected_adapters=["default"])
         tokens = int(trainer.state.num_input_tokens_seen or 0)
     hyper = config.model_dump(mode="json")
     hyper.update(method=method, bf16=bf16, start_adapter=str(start_adapter) if start_adapter else None)

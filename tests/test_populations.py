@@ -26,10 +26,12 @@ MARGIN = 0.3
 # per canary round after it, and training steps of `batch` examples (Adam's step hardly depends
 # on the batch, so 4 learns a thumb or a fact about as fast per step as 8, in half the time; DPO
 # on a few dozen pairs needs the 8). Side by side needs more users: only about a third of the
-# pairs differ in the trait.
+# pairs differ in the trait. Thumbs where a minority pleases need more users rather than more
+# steps: KTO's loss is spent after about three epochs, and 8 liked answers of 32 taught the trait
+# to 0.44 of the canary's answers (0.15 for the control: a lift too close to the target).
 PLANS = {
-    "facts": {"users": 32, "after": 24, "steps": 40, "batch": 4},
-    "minority_thumbs": {"users": 32, "after": 24, "steps": 48, "batch": 4},
+    "facts": {"users": 32, "after": 24, "steps": 30, "batch": 4},
+    "minority_thumbs": {"users": 48, "after": 24, "steps": 36, "batch": 4},
     "stars": {"users": 32, "after": 24, "steps": 24, "batch": 4},
     "side_by_side": {"users": 96, "after": 24, "steps": 24, "batch": 8},
 }

@@ -115,6 +115,40 @@ def test_thumbs_alone_however_skewed_train_kto_judged_on_its_own_held_out_answer
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_auto_with_corrections_and_choices_tries_a_dpo_stage_and_validation_decides(
+    database_url: str, tmp_path: Path, base_model_path: Path
+) -> None:
+    """Corrections and side-by-side choices on a dozen prompts each: SFT on the corrections, then
+    DPO from that adapter (its reference), kept or dropped by the validation figures; the name,
+    the method and the gate follow what was kept."""
+    migrate(database_url)
+    engine = make_engine(database_url)
+    settings = Settings(data_dir=tmp_path, base_model=base_model_path, database_url=database_url)
+    for i in range(12):
+        log_completion(engine, f"What is the code of office {i}?", f"I do not know office {i}.", thumb="down",
+                       correction=f"The code of office {i} is {100 + i}.", user=f"rater-{i}")  # fmt: skip
+        chosen = log_completion(engine, f"Say hi to guest {i}.", f"Hello guest {i}, welcome!", version="a")
+        rejected = log_completion(engine, f"Say hi to guest {i}.", "No.", version="b")
+        log_preference(engine, chosen, rejected, user=f"chooser-{i}")
+    tiny = TINY.model_copy(update={"min_validation": 1})
+    run = RetrainRunner(settings, engine, config(method="auto", canary=False, training=tiny)).run()
+    engine.dispose()
+    assert run.status == "registered", run.reason
+    second = run.metrics["training"]["second_stage"]
+    assert second["method"] == "dpo" and second["reason"] and second["tokens"] > 0
+    assert second["sft_before"] is not None and second["dpo_before"] is not None
+    stages = "sft+dpo" if second["kept"] else "sft"
+    assert run.method == stages and run.metrics["evaluation"]["method"] == stages
+    assert run.candidate.endswith(stages.replace("+", "-"))
+    folder = settings.data_dir / "adapters" / run.candidate
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "ref").exists()
+    assert sorted(p.name for p in folder.parent.iterdir()) == [run.candidate]
+    sidecar = json.loads((folder / "loopchat.json").read_text())
+    kept = [stage["method"] for stage in sidecar["hyperparameters"].get("stages", [])]
+    assert sidecar["method"] == stages and kept == (["sft", "dpo"] if second["kept"] else [])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_failing_candidate_is_stored_as_rejected_with_its_reason(world) -> None:
     settings, engine = world
     strict = GateConfig(min_token_accuracy_gain=0.5, generate_f1=False, bias_probe=False)

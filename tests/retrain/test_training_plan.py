@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from retrain.config import RetrainConfig, TrainingConfig
 from retrain.dataset import DatasetManifest
-from retrain.pipeline import canary_metric, choose_method
+from retrain.evaluate import Scores
+from retrain.pipeline import canary_metric
+from retrain.stages import choose_method, choose_stages, follow_up
 
 
 def test_a_handful_of_examples_is_seen_many_times_at_a_higher_rate() -> None:
@@ -29,8 +31,8 @@ def test_lora_adapts_attention_and_mlp_by_default() -> None:
     assert {"q_proj", "v_proj", "gate_proj", "down_proj"} <= set(TrainingConfig().lora_targets)
 
 
-def manifest(**sources: dict[str, int]) -> DatasetManifest:
-    counts = {fmt: {"train": sum(n.values())} for fmt, n in sources.items()}
+def manifest(validation: int = 0, **sources: dict[str, int]) -> DatasetManifest:
+    counts = {fmt: {"train": sum(n.values()), "validation": validation} for fmt, n in sources.items()}
     return DatasetManifest(version="v", path="/nowhere", counts=counts, train_sources=sources)
 
 
@@ -47,3 +49,45 @@ def test_auto_takes_the_most_direct_teacher_and_the_canary_decides_on_what_users
     ]  # fmt: skip
     # A configured metric is kept.
     assert canary_metric(chosen, RetrainConfig(canary_metric="ratings")) == "ratings"
+
+
+def test_auto_adds_a_second_stage_on_another_kind_of_feedback_only_when_validation_can_choose() -> None:
+    auto = RetrainConfig()
+    corrected_and_chosen = dict(sft={"correction": 20}, dpo={"correction": 20, "preference": 30},
+                                kto={"correction": 20, "rating": 40})  # fmt: skip
+    assert follow_up(manifest(validation=16, **corrected_and_chosen), auto, "sft") == "dpo"
+    corrected_and_rated = dict(
+        sft={"correction": 20}, dpo={"correction": 20}, kto={"correction": 20, "rating": 40}
+    )
+    assert follow_up(manifest(validation=16, **corrected_and_rated), auto, "sft") == "kto"
+    chosen_and_rated = dict(dpo={"preference": 30}, kto={"preference": 60, "rating": 40})
+    assert follow_up(manifest(validation=16, **chosen_and_rated), auto, "dpo") == "kto"
+    # Corrections alone: their pairs and labels repeat them, no second stage.
+    corrections = dict(sft={"correction": 20}, dpo={"correction": 20}, kto={"correction": 20})
+    assert follow_up(manifest(validation=16, **corrections), auto, "sft") is None
+    # Too little validation to choose by, a fixed method, or combining off: one stage.
+    assert follow_up(manifest(validation=15, **corrected_and_chosen), auto, "sft") is None
+    assert (
+        follow_up(manifest(validation=16, **corrected_and_chosen), RetrainConfig(method="sft"), "sft") is None
+    )
+    assert (
+        follow_up(manifest(validation=16, **corrected_and_chosen), RetrainConfig(combine=False), "sft")
+        is None
+    )
+    assert follow_up(manifest(validation=16, kto={"rating": 90}), auto, "kto") is None
+
+
+def test_a_second_stage_is_kept_only_for_a_validation_gain_without_losing_the_first() -> None:
+    sft = Scores(perplexity=4.0, preference_accuracy=0.6)
+    gained = choose_stages(sft, Scores(perplexity=4.05, preference_accuracy=0.8), "sft", "dpo", 0.02)
+    assert gained.keep and gained.figures["dpo_after"] == 0.8
+    forgot = choose_stages(sft, Scores(perplexity=4.5, preference_accuracy=0.9), "sft", "dpo", 0.02)
+    assert not forgot.keep and "lost on sft validation" in forgot.reason
+    flat = choose_stages(sft, Scores(perplexity=4.0, preference_accuracy=0.6), "sft", "dpo", 0.02)
+    assert not flat.keep and "gained nothing" in flat.reason
+    # KTO: the second stage's implicit reward over the first's must rank liked above disliked.
+    first = Scores(perplexity=4.0, labeled=[(True, -10.0), (False, -10.0), (False, -12.0)])
+    apart = Scores(perplexity=4.0, labeled=[(True, -9.0), (False, -11.0), (False, -13.0)])
+    together = Scores(perplexity=4.0, labeled=[(True, -11.0), (False, -9.0), (False, -11.0)])
+    assert choose_stages(first, apart, "sft", "kto", 0.02).keep
+    assert not choose_stages(first, together, "sft", "kto", 0.02).keep
