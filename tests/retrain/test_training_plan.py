@@ -91,3 +91,20 @@ def test_a_second_stage_is_kept_only_for_a_validation_gain_without_losing_the_fi
     together = Scores(perplexity=4.0, labeled=[(True, -11.0), (False, -9.0), (False, -11.0)])
     assert choose_stages(first, apart, "sft", "kto", 0.02).keep
     assert not choose_stages(first, together, "sft", "kto", 0.02).keep
+
+
+def test_preference_checkpoints_are_chosen_by_the_validation_reward_margin() -> None:
+    from datasets import Dataset
+
+    from retrain.train import KTO_MARGIN_BATCH, checkpoint_metric
+
+    def labels(*values: bool) -> Dataset:
+        return Dataset.from_list([{"label": v} for v in values])
+
+    assert checkpoint_metric("sft", labels(True, True)) == ("eval_loss", False, None)
+    pairs = Dataset.from_list([{"chosen": "a", "rejected": "b"}])
+    assert checkpoint_metric("dpo", pairs) == ("eval_rewards/margins", True, None)
+    # KTO reports a margin only for a batch with both labels: the whole split is one batch.
+    assert checkpoint_metric("kto", labels(True, False, False)) == ("eval_rewards/margins", True, 3)
+    assert checkpoint_metric("kto", labels(False, False))[0] == "eval_loss"
+    assert checkpoint_metric("kto", labels(True, *[False] * KTO_MARGIN_BATCH))[0] == "eval_loss"
