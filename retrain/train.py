@@ -62,13 +62,15 @@ def _load_split(manifest: DatasetManifest, method: Method, split: str):
 KTO_MARGIN_BATCH = 32
 
 
-def checkpoint_metric(method: Method, validation) -> tuple[str, bool, int | None]:
+def checkpoint_metric(method: Method, validation=None) -> tuple[str, bool, int | None]:
     """What picks the checkpoint and stops training early: (metric, greater is better, evaluation
     batch size or None for the training one). SFT: validation loss. DPO and KTO: the validation
     reward margin (chosen or liked over rejected or disliked), what the gate judges: their loss
     rises as the policy grows confident while the margin still grows (KTO on thumbs: loss 1.52 to
     1.63 while the margin went 0.43 to 0.82). KTO's margin needs both labels in one batch, so it
-    is used when the whole split fits one batch; else the loss."""
+    is used when the whole split fits one batch; else the loss (also without validation)."""
+    if validation is None:
+        return "eval_loss", False, None
     if method == "dpo":
         return "eval_rewards/margins", True, None
     if method == "kto" and len(validation) <= KTO_MARGIN_BATCH and len(set(validation["label"])) == 2:
@@ -81,16 +83,17 @@ def trl_args(
     config: TrainingConfig,
     output_dir: Path,
     *,
-    has_eval: bool,
+    validation,
     bf16: bool,
     manifest,
-    metric: tuple[str, bool, int | None] = ("eval_loss", False, None),
 ):
-    """The TRL config object for `method` (SFTConfig, KTOConfig or DPOConfig)."""
+    """The TRL config object for `method` (SFTConfig, KTOConfig or DPOConfig); `validation` (the
+    split, or None) decides whether and by what checkpoints are chosen."""
     from trl import DPOConfig, KTOConfig, SFTConfig
 
     evaluating = "steps" if config.eval_steps else "epoch"
-    best, greater, eval_batch = metric
+    has_eval = validation is not None
+    best, greater, eval_batch = checkpoint_metric(method, validation)
     common: dict[str, Any] = dict(
         output_dir=str(output_dir),
         num_train_epochs=config.epochs,
@@ -174,12 +177,9 @@ def train_adapter(
             method,
             config,
             Path(scratch),
-            has_eval=validation is not None,
+            validation=validation,
             bf16=bf16,
             manifest=manifest,
-            metric=checkpoint_metric(method, validation)
-            if validation is not None
-            else ("eval_loss", False, None),
         )
         callbacks = []
         if validation is not None and config.early_stopping_patience:

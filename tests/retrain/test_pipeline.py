@@ -125,8 +125,15 @@ def test_auto_with_corrections_and_choices_tries_a_dpo_stage_and_validation_deci
     engine = make_engine(database_url)
     settings = Settings(data_dir=tmp_path, base_model=base_model_path, database_url=database_url)
     for i in range(12):
-        log_completion(engine, f"What is the code of office {i}?", f"I do not know office {i}.", thumb="down",
-                       correction=f"The code of office {i} is {100 + i}.", user=f"rater-{i}")  # fmt: skip
+        question, correction = f"What is the code of office {i}?", f"The code of office {i} is {100 + i}."
+        log_completion(
+            engine,
+            question,
+            f"I do not know office {i}.",
+            thumb="down",
+            correction=correction,
+            user=f"rater-{i}",
+        )
         chosen = log_completion(engine, f"Say hi to guest {i}.", f"Hello guest {i}, welcome!", version="a")
         rejected = log_completion(engine, f"Say hi to guest {i}.", "No.", version="b")
         log_preference(engine, chosen, rejected, user=f"chooser-{i}")

@@ -53,8 +53,9 @@ def test_auto_takes_the_most_direct_teacher_and_the_canary_decides_on_what_users
 
 def test_auto_adds_a_second_stage_on_another_kind_of_feedback_only_when_validation_can_choose() -> None:
     auto = RetrainConfig()
-    corrected_and_chosen = dict(sft={"correction": 20}, dpo={"correction": 20, "preference": 30},
-                                kto={"correction": 20, "rating": 40})  # fmt: skip
+    corrected_and_chosen = dict(
+        sft={"correction": 20}, dpo={"correction": 20, "preference": 30}, kto={"correction": 20, "rating": 40}
+    )
     assert follow_up(manifest(validation=16, **corrected_and_chosen), auto, "sft") == "dpo"
     corrected_and_rated = dict(
         sft={"correction": 20}, dpo={"correction": 20}, kto={"correction": 20, "rating": 40}
@@ -102,6 +103,7 @@ def test_preference_checkpoints_are_chosen_by_the_validation_reward_margin() -> 
         return Dataset.from_list([{"label": v} for v in values])
 
     assert checkpoint_metric("sft", labels(True, True)) == ("eval_loss", False, None)
+    assert checkpoint_metric("dpo", None) == ("eval_loss", False, None)
     pairs = Dataset.from_list([{"chosen": "a", "rejected": "b"}])
     assert checkpoint_metric("dpo", pairs) == ("eval_rewards/margins", True, None)
     # KTO reports a margin only for a batch with both labels: the whole split is one batch.
