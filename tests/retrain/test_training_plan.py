@@ -20,8 +20,11 @@ def test_thousands_of_examples_are_seen_once_at_a_lower_rate_with_early_stopping
     assert plan.epochs == 1 and plan.learning_rate == 2e-4 and plan.early_stopping_patience == 2
 
 
-def test_preference_objectives_take_half_the_rate_and_set_values_are_kept() -> None:
-    assert TrainingConfig().resolve(40, "dpo").learning_rate == 5e-4
+def test_dpo_takes_half_the_rate_kto_a_looser_beta_and_set_values_are_kept() -> None:
+    dpo, kto = TrainingConfig().resolve(40, "dpo"), TrainingConfig().resolve(40, "kto")
+    assert (dpo.learning_rate, dpo.beta) == (5e-4, 0.1)
+    assert (kto.learning_rate, kto.beta) == (1e-3, 0.05)
+    assert TrainingConfig(beta=0.2).resolve(40, "kto").beta == 0.2
     assert TrainingConfig().resolve(40, "sft").epochs == 8
     fixed = TrainingConfig(learning_rate=3e-5, epochs=2).resolve(40, "kto", validation_examples=100)
     assert (fixed.learning_rate, fixed.epochs, fixed.early_stopping_patience) == (3e-5, 2, 2)
