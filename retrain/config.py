@@ -54,6 +54,7 @@ class SelectionConfig(BaseModel):
 KTO_BETA = 0.05
 DPO_BETA = 0.1
 
+
 class TrainingConfig(BaseModel):
     """TRL and peft hyperparameters (the same for SFT, KTO and DPO where they apply).
 
