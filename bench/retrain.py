@@ -418,13 +418,14 @@ def main() -> int:
         measured = lift_curve(args.curve_populations, args.curve_ratings, args.curve_after_users)
         for row in measured:
             row["date"] = results["date"]
-        # Populations not run this time keep their earlier rows (each row says when it was measured).
+        # Points not run this time keep their earlier rows (each row says when it was measured).
+        done = {(row["population"], row["ratings"]) for row in measured}
         kept = [
             {"date": previous["date"], **row}
             for row in previous.get("curve", [])
-            if row["population"] not in args.curve_populations
+            if (row["population"], row["ratings"]) not in done
         ]
-        results["curve"] = kept + measured
+        results["curve"] = sorted(kept + measured, key=lambda row: (row["population"], row["ratings"]))
     for part in ("stages", "selection", "throughput", "curve"):
         if part in results:
             continue
