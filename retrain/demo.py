@@ -57,9 +57,10 @@ class DemoReport:
         ]
 
 
-def demo_config(train_steps: int):
-    """The demo's retraining config: `simulation_config` with SFT for `train_steps` steps."""
-    return simulation_config(train_steps, method="sft")
+def demo_config(train_steps: int, batch_size: int = 8):
+    """The demo's retraining config: `simulation_config` with SFT for `train_steps` steps of
+    `batch_size` examples."""
+    return simulation_config(train_steps, method="sft", batch_size=batch_size)
 
 
 def run_demo(
@@ -67,6 +68,7 @@ def run_demo(
     *,
     users: int = 48,
     train_steps: int = 40,
+    batch_size: int = 8,
     server_url: str | None = None,
     admin_token: str | None = None,
     database_url: str | None = None,
@@ -77,7 +79,7 @@ def run_demo(
         Prefix(),
         data_dir,
         users=users,
-        train_config=demo_config(train_steps),
+        train_config=demo_config(train_steps, batch_size),
         server_url=server_url,
         admin_token=admin_token,
         database_url=database_url,

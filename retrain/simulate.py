@@ -55,11 +55,12 @@ FLUSH_S = 0.5
 
 
 def simulation_config(
-    train_steps: int | None = None, *, method: str = "auto", start_from: str = "base"
+    train_steps: int | None = None, *, method: str = "auto", start_from: str = "base", batch_size: int = 8
 ) -> RetrainConfig:
     """A retraining config for a simulation: one 50/50 canary stage decided on few ratings.
 
-    `train_steps` None: the training decides its steps (max_steps -1).
+    `train_steps` None: the training decides its steps (max_steps -1); each step takes
+    `batch_size` examples.
     """
     from retrain.config import GateConfig, RetrainConfig, SelectionConfig, TrainingConfig
 
@@ -80,7 +81,7 @@ def simulation_config(
         training=TrainingConfig(
             learning_rate=None,
             max_steps=-1 if train_steps is None else train_steps,
-            batch_size=8,
+            batch_size=batch_size,
             max_length=128,
             lora_r=16,
             lora_alpha=32,

@@ -78,7 +78,10 @@ def loop(
     report = run_demo(
         tmp_path_factory.mktemp("demo"),
         users=32,
+        # Steps of 4 examples: the "Sure!" opening is learned about as fast per step as with the
+        # demo's 8, in half the time.
         train_steps=30,
+        batch_size=4,
         server_url=live_server.url,
         admin_token=live_server.admin_token,
         database_url=live_server.database_url,

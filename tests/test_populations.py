@@ -38,11 +38,6 @@ PLANS = {
 MAX_RATINGS = 200
 
 
-def reduced(steps: int, batch: int):
-    config = simulation_config(steps)
-    return config.model_copy(update={"training": config.training.model_copy(update={"batch_size": batch})})
-
-
 def leave_as_found(server: LiveServer, decision: dict, run: dict) -> None:
     """The shared test server as the next test expects it: the base active, no experiment."""
     url, headers = server.url, server.admin_headers
@@ -62,7 +57,7 @@ def test_one_turn_teaches_the_population_what_it_wants(
         load_population(name),
         tmp_path,
         users=plan["users"],
-        train_config=reduced(plan["steps"], plan["batch"]),
+        train_config=simulation_config(plan["steps"], batch_size=plan["batch"]),
         server_url=live_server.url,
         admin_token=live_server.admin_token,
         database_url=live_server.database_url,
