@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from retrain.populations import PROMPTS, TRAIT, Prefix, has_trait
-from retrain.simulate import MAX_AFTER_ROUNDS, DemoServer, Phase, run_simulation, simulation_config
+from retrain.simulate import (
+    MAX_AFTER_ROUNDS,
+    SIMULATION_BATCH,
+    DemoServer,
+    Phase,
+    run_simulation,
+    simulation_config,
+)
 
 __all__ = [
     "MAX_AFTER_ROUNDS", "PROMPTS", "TRAIT", "DemoReport", "DemoServer", "Phase", "demo_config", "has_trait",
@@ -57,7 +64,7 @@ class DemoReport:
         ]
 
 
-def demo_config(train_steps: int, batch_size: int = 8):
+def demo_config(train_steps: int, batch_size: int = SIMULATION_BATCH):
     """The demo's retraining config: `simulation_config` with SFT for `train_steps` steps of
     `batch_size` examples."""
     return simulation_config(train_steps, method="sft", batch_size=batch_size)
@@ -68,7 +75,7 @@ def run_demo(
     *,
     users: int = 48,
     train_steps: int = 40,
-    batch_size: int = 8,
+    batch_size: int = SIMULATION_BATCH,
     server_url: str | None = None,
     admin_token: str | None = None,
     database_url: str | None = None,

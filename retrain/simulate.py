@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MARKDOWN_HEADER",
     "MAX_AFTER_ROUNDS",
+    "SIMULATION_BATCH",
     "DemoServer",
     "Phase",
     "SimulationReport",
@@ -52,10 +53,16 @@ MAX_AFTER_ROUNDS = 4
 # writer to flush a round's completions before the experiment is evaluated.
 SETTLE_S = 2.0
 FLUSH_S = 0.5
+# Training examples per step of a simulation's run, unless a caller sets its own.
+SIMULATION_BATCH = 8
 
 
 def simulation_config(
-    train_steps: int | None = None, *, method: str = "auto", start_from: str = "base", batch_size: int = 8
+    train_steps: int | None = None,
+    *,
+    method: str = "auto",
+    start_from: str = "base",
+    batch_size: int = SIMULATION_BATCH,
 ) -> RetrainConfig:
     """A retraining config for a simulation: one 50/50 canary stage decided on few ratings.
 
