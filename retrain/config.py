@@ -49,8 +49,8 @@ class SelectionConfig(BaseModel):
 # KTO's losses are sigmoids of beta times the log-ratio to the reference, so an answer stops
 # pulling once that product nears 3; with thumbs, where the few liked answers carry the signal,
 # 0.1 stopped them early. On one thumbs log (7 liked answers of 38, 36 steps of 4) the sampled
-# answers carried the liked trait in 0.55 of cases at beta 0.1 and the halved DPO rate (5e-4),
-# 0.54 at the full rate, 0.59 at beta 0.05 and 0.72 with both; DPO's pairs keep TRL's 0.1.
+# answers carried the liked trait in 0.55 of cases at beta 0.1 and half the rate (5e-4, as DPO),
+# 0.54 at the full rate (1e-3), 0.59 at beta 0.05 and 0.72 with both; DPO's pairs keep TRL's 0.1.
 KTO_BETA = 0.05
 DPO_BETA = 0.1
 
