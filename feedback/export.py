@@ -43,8 +43,13 @@ class ExportFilter:
     model_version: str | None = None
 
 
-def _assistant(text: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": text}]
+def _assistant(text: str, tool_calls: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The answer as TRL's conversational format has it: one assistant message, with its tool
+    calls (OpenAI's shape, which chat templates read) when it made any."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return [message]
 
 
 def _rating_label(rating: Rating) -> bool | None:
@@ -105,7 +110,15 @@ def examples(
     def prompt(completion: Completion) -> list[dict[str, str]]:
         return redactor.redact_messages(completion.messages)
 
-    def meta(row: dict[str, Any], **ids: Any) -> dict[str, Any]:
+    def answer(completion: Completion) -> list[dict[str, Any]]:
+        return _assistant(
+            redactor.redact(completion.response), redactor.redact_tool_calls(completion.tool_calls)
+        )
+
+    def meta(row: dict[str, Any], completion: Completion, **ids: Any) -> dict[str, Any]:
+        if completion.tools:
+            # TRL passes an example's `tools` to the chat template (its conversational format).
+            row["tools"] = completion.tools
         return {**row, **ids} if metadata else row
 
     with Session(engine) as session:
@@ -121,13 +134,10 @@ def examples(
                     ids["origin_id"], kind = completion.origin_id, completion.source
                 label = _rating_label(rating)
                 if label is not None and (fmt == "kto" or label):
-                    row = {
-                        "prompt": prompt(completion),
-                        "completion": _assistant(redactor.redact(completion.response)),
-                    }
+                    row = {"prompt": prompt(completion), "completion": answer(completion)}
                     if fmt == "kto":
                         row["label"] = label
-                    yield meta(row, **ids, source=kind, strength=_strength(rating))
+                    yield meta(row, completion, **ids, source=kind, strength=_strength(rating))
                 if rating.correction:
                     row = {
                         "prompt": prompt(completion),
@@ -135,15 +145,12 @@ def examples(
                     }
                     if fmt == "kto":
                         row["label"] = True
-                    yield meta(row, **ids, source="correction", strength=1)
+                    yield meta(row, completion, **ids, source="correction", strength=1)
             return
         for preference, chosen, rejected in _preferred(session, where):
             yield meta(
-                {
-                    "prompt": prompt(chosen),
-                    "chosen": _assistant(redactor.redact(chosen.response)),
-                    "rejected": _assistant(redactor.redact(rejected.response)),
-                },
+                {"prompt": prompt(chosen), "chosen": answer(chosen), "rejected": answer(rejected)},
+                chosen,
                 chosen_completion_id=chosen.id,
                 rejected_completion_id=rejected.id,
                 rater=_rater(preference.user_key, chosen.id),
@@ -156,8 +163,9 @@ def examples(
                     {
                         "prompt": prompt(completion),
                         "chosen": _assistant(redactor.redact(rating.correction)),
-                        "rejected": _assistant(redactor.redact(completion.response)),
+                        "rejected": answer(completion),
                     },
+                    completion,
                     completion_id=completion.id,
                     model_version=completion.model_version,
                     rater=_rater(rating.user_key, completion.id),

@@ -61,6 +61,10 @@ class Completion(SQLModel, table=True):
     messages: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
     prompt_hash: str = Field(max_length=64, index=True)
     response: str = ""
+    # The tools the request offered (OpenAI function definitions) and the calls the answer made,
+    # as the API returned them; None when the request had no tools / the answer made no call.
+    tools: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     sampling: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     prompt_tokens: int = 0
     completion_tokens: int = 0

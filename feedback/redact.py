@@ -160,7 +160,8 @@ class Redactor:
         return "".join(parts) + text[pos:] if parts else text
 
     def redact_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Copies of chat messages with their content (a string or a list of text parts) redacted."""
+        """Copies of chat messages with their content (a string or a list of text parts) and the
+        arguments of their tool calls redacted."""
         out = []
         for message in messages:
             message = dict(message)
@@ -169,7 +170,23 @@ class Redactor:
                 message["content"] = self.redact(content)
             elif isinstance(content, list):
                 message["content"] = [self._redact_part(part) for part in content]
+            if message.get("tool_calls"):
+                message["tool_calls"] = self.redact_tool_calls(message["tool_calls"])
             out.append(message)
+        return out
+
+    def redact_tool_calls(self, calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """Copies of tool calls with their arguments (a JSON text) redacted: a placeholder such as
+        <EMAIL> keeps the JSON valid (no built-in pattern matches a quote)."""
+        if not calls:
+            return calls
+        out = []
+        for call in calls:
+            call = dict(call)
+            function = call.get("function")
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                call["function"] = {**function, "arguments": self.redact(function["arguments"])}
+            out.append(call)
         return out
 
     def _redact_part(self, part: Any) -> Any:

@@ -101,6 +101,7 @@ def record_redactor(redactor: Redactor):
                 **data,
                 "messages": redactor.redact_messages(data["messages"]),
                 "response": redactor.redact(data["response"]),
+                "tool_calls": redactor.redact_tool_calls(data.get("tool_calls")),
                 "redacted": True,
             }
         else:
@@ -130,10 +131,11 @@ class FeedbackService:
         first = result.first_token_at
         user_key = chat.user or ANONYMOUS
         hashed = prompt_hash(chat.messages)
+        completion_id = chat.choice_id(result.index)
         logged = self._writer.submit(
             {
                 "kind": "completion",
-                "id": chat.completion_id,
+                "id": completion_id,
                 "conversation_id": chat.conversation_id,
                 "user_key": user_key,
                 "created_at": time.time(),
@@ -144,8 +146,10 @@ class FeedbackService:
                 "messages": chat.messages,
                 "prompt_hash": hashed,
                 "response": result.text,
+                "tools": chat.tools,
+                "tool_calls": result.tool_calls or None,
                 "sampling": chat.sampling(),
-                "prompt_tokens": len(chat.prompt_token_ids),
+                "prompt_tokens": chat.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
                 "latency_ms": round((finished - result.started) * 1000, 3),
                 "ttft_ms": None if first is None else round((first - result.started) * 1000, 3),
@@ -158,7 +162,7 @@ class FeedbackService:
             }
         )
         self.recent.add(
-            chat.completion_id,
+            completion_id,
             CompletionRef(user_key, hashed, chat.version.name, chat.variant, chat.site, logged),
         )
 

@@ -41,6 +41,12 @@ PREFIXES = {"secret": "lc-sk-", "public": "lc-pk-"}
 _KEY_SHAPE = re.compile(r"lc-[sp]k-[A-Za-z0-9_-]{43}")
 # What a public key may call: rating, from a browser.
 PUBLIC_ROUTES = ("/v1/feedback", "/v1/feedback/preference")
+# vLLM's server has its tokenizer routes beside /v1; they take keys and limits as /v1 does.
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
+
+
+def _guarded(path: str) -> bool:
+    return path.startswith("/v1/") or path in TOKENIZER_ROUTES
 
 
 def is_key_shaped(token: str) -> bool:
@@ -243,7 +249,7 @@ class AccessMiddleware:
         self.limiter = Limiter()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or not _guarded(scope["path"]) or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         try:

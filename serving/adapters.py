@@ -10,9 +10,13 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serving.engine.base import AdapterSpec, ChatEngine
 from serving.settings import ALIAS_MODEL
+
+if TYPE_CHECKING:
+    from serving.openai_layer import OpenAILayer
 
 
 class UnknownModelError(LookupError):
@@ -42,6 +46,15 @@ class AdapterSet:
         self._lock = asyncio.Lock()
         self._active = active
         self._base = ModelVersion(engine.model_name, None, None, int(time.time()))
+        self._layer: OpenAILayer | None = None
+
+    def attach(self, layer: OpenAILayer) -> None:
+        """Make every loaded adapter (and every one loaded later) a model vLLM's serving layer
+        accepts by name."""
+        self._layer = layer
+        for version in self._versions.values():
+            assert version.adapter is not None
+            layer.register_adapter(version.adapter)
 
     @property
     def base(self) -> ModelVersion:
@@ -85,6 +98,8 @@ class AdapterSet:
             await self._engine.add_adapter(spec)
             version = ModelVersion(name, spec, parent or self._base.name, int(time.time()))
             self._versions[name] = version
+            if self._layer is not None:
+                self._layer.register_adapter(spec)
             return version
 
     async def unload(self, name: str) -> None:
@@ -97,5 +112,7 @@ class AdapterSet:
                     f"adapter {name!r} is the active version; activate another one first"
                 )
             del self._versions[name]
+            if self._layer is not None:
+                self._layer.unregister_adapter(name)
             assert version.adapter is not None
             await self._engine.remove_adapter(version.adapter)

@@ -33,8 +33,9 @@ from serving.chat import ChatService
 from serving.engine.base import ChatEngine
 from serving.errors import BodySizeLimit, document_errors, install_error_handlers
 from serving.experiments import ExperimentService
+from serving.openai_layer import build_openai_layer, serve_arguments
 from serving.router import ABRouter
-from serving.routes import admin, chat, experiments, health, models, ui
+from serving.routes import admin, chat, completions, experiments, health, models, ui
 from serving.routes import feedback as feedback_routes
 from serving.settings import Settings, get_settings
 from serving.watcher import ExperimentEvaluator, RegistryWatcher, bootstrap_registry
@@ -47,6 +48,12 @@ async def _start_engine(app: FastAPI) -> None:
     state = app.state
     try:
         await state.engine.start()
+        args = serve_arguments(
+            state.settings, model_path=state.engine.model_path, served_name=state.engine.model_name
+        )
+        layer = await build_openai_layer(state.engine.client, args)
+        state.adapters.attach(layer)
+        state.chat.openai = state.openai = layer
         await _start_registry(app)
     except Exception as exc:
         logger.exception("engine start failed")
@@ -197,8 +204,8 @@ def create_app(
             app.state.experiments, app.state.watcher, ab_metrics, interval=settings.ab.evaluation_interval_s
         )
         app.state.registry_synced = False
+        app.state.openai = None
         app.state.chat = ChatService(
-            app.state.engine,
             app.state.adapters,
             metrics=serving_metrics,
             log=app.state.feedback,
@@ -251,6 +258,8 @@ def create_app(
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.include_router(completions.tokenizer)
     app.include_router(feedback_routes.router)
     app.include_router(feedback_routes.conversations)
     app.include_router(ui.router)

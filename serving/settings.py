@@ -81,6 +81,28 @@ class EngineSettings(BaseSettings):
     )
 
 
+class OpenAISettings(BaseSettings):
+    """vLLM's OpenAI serving layer: the options `vllm serve` takes for chat and completions."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    chat_template: Path | None = Field(
+        None,
+        description="Jinja chat template file (vLLM's --chat-template). None: the model's own (the "
+        "embedded model's renders tools in the Hermes format).",
+    )
+    tool_call_parser: str | None = Field(
+        "hermes",
+        description="vLLM tool-call parser for `tool_choice: auto` (e.g. hermes, llama3_json, mistral, "
+        "pythonic); None refuses auto tool choice. Named and required tool choices need no parser.",
+    )
+    vllm_args: list[str] = Field(
+        default_factory=list,
+        description="Further `vllm serve` frontend flags, as on its command line "
+        '(e.g. ["--chat-template-content-format", "openai"]).',
+    )
+
+
 class FeedbackSettings(BaseSettings):
     """Conversation logging, ratings and PII redaction."""
 
@@ -196,6 +218,7 @@ class LimitsSettings(BaseSettings):
     max_completion_tokens: int = Field(
         4096, ge=1, description="Most tokens one completion may ask for (max_tokens); also the default."
     )
+    max_choices: int = Field(16, ge=1, description="Most choices (`n`) one chat request may ask for.")
 
 
 class MonitoringSettings(BaseSettings):
@@ -248,6 +271,7 @@ class Settings(BaseSettings):
         description="Adapters (name -> folder) registered at start-up unless the registry has them.",
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL (postgresql+psycopg://user@host/db); default: SQLite in data_dir.",

@@ -64,7 +64,8 @@ def fake_engine() -> FakeEngine:
     return FakeEngine()
 
 
-def wait_ready(client: TestClient, timeout: float = 5.0) -> None:
+def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
+    # The fake engine builds vLLM's config and renderer for the embedded model (seconds, once).
     deadline = time.monotonic() + timeout
     while client.get("/readyz").status_code != 200:
         if time.monotonic() > deadline:

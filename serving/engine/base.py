@@ -1,14 +1,18 @@
-"""The engine interface the HTTP layer talks to, independent of vLLM's own types.
+"""The engine interface the serving layer talks to.
 
-`VLLMEngine` implements it on vLLM's async engine; tests also run a fake that honours it.
+`VLLMEngine` implements it on vLLM's async engine; tests also run a fake that honours it. Requests
+reach the engine through `client`, vLLM's `EngineClient`, which vLLM's OpenAI serving classes
+call (see serving/openai_layer.py); the rest is the engine's life cycle and its adapters.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from vllm.engine.protocol import EngineClient
 
 
 class EngineError(RuntimeError):
@@ -19,25 +23,8 @@ class EngineNotReady(EngineError):
     pass
 
 
-class InvalidPromptError(ValueError):
-    """The request cannot be rendered or tokenized (the client's fault, a 400)."""
-
-
 class AdapterLoadError(ValueError):
     """An adapter folder is missing, malformed or incompatible with the engine."""
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingOptions:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    # Log-probabilities of the sampled tokens, for the conversation log's confidence statistics.
-    sampled_logprobs: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,18 +34,6 @@ class AdapterSpec:
     name: str
     path: Path
     engine_id: int
-
-
-@dataclass(slots=True)
-class GenerationChunk:
-    """New output since the previous chunk of one request."""
-
-    text: str
-    token_ids: Sequence[int]
-    # Log-probability of each token in `token_ids` when SamplingOptions.sampled_logprobs is set.
-    logprobs: Sequence[float] = ()
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
 
 
 @dataclass(slots=True)
@@ -78,36 +53,23 @@ class ChatEngine(Protocol):
     def model_name(self) -> str: ...
 
     @property
+    def model_path(self) -> Path:
+        """The model folder (its tokenizer and chat template serve the OpenAI layer)."""
+
+    @property
     def max_model_len(self) -> int: ...
 
     @property
-    def max_token_chars(self) -> int | None:
-        """The most characters one token stands for (None: no bound known). A prompt of more than
-        max_model_len times as many characters cannot fit, so it is refused without tokenizing."""
+    def ready(self) -> bool: ...
 
     @property
-    def ready(self) -> bool: ...
+    def client(self) -> EngineClient:
+        """vLLM's engine client for this engine; valid once `start` returned."""
 
     async def start(self) -> None:
         """Load the model; returns once requests can be served."""
 
     async def shutdown(self) -> None: ...
-
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Apply the chat template and tokenize; raises InvalidPromptError. Blocking and CPU-bound
-        (a long prompt takes a good part of a second): called on a worker thread, never on the
-        event loop."""
-
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        options: SamplingOptions,
-        adapter: AdapterSpec | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        """Stream the completion; cancelling the iteration aborts the request in the engine."""
-
-    async def abort(self, request_id: str) -> None: ...
 
     async def add_adapter(self, adapter: AdapterSpec) -> None:
         """Load an adapter so later requests can use it; raises AdapterLoadError."""

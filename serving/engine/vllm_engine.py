@@ -1,9 +1,8 @@
 """ChatEngine on vLLM's async engine (AsyncLLM), in the server process, with LoRA enabled.
 
 vLLM runs its engine core in a child process (spawned), so whatever program starts it needs an
-`if __name__ == "__main__":` guard. The chat template is applied here with the model's own
-tokenizer and the token ids go to vLLM directly: the prompt length is known (and refused when
-too long) before anything reaches the engine.
+`if __name__ == "__main__":` guard. Requests reach the AsyncLLM through vLLM's own OpenAI serving
+classes (serving/openai_layer.py), which render, tokenize and check them.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serving.engine.base import (
@@ -20,9 +19,6 @@ from serving.engine.base import (
     EngineError,
     EngineNotReady,
     EngineStats,
-    GenerationChunk,
-    InvalidPromptError,
-    SamplingOptions,
 )
 from serving.settings import Settings
 
@@ -111,10 +107,8 @@ class VLLMEngine:
         self._settings = settings
         self._on_gpu = cuda_available()
         self._engine: AsyncLLM | None = None
-        self._tokenizer: Any = None
         self._stats = EngineStats()
         self._max_model_len = settings.engine.max_model_len or 0
-        self._max_token_chars: int | None = None
         self._adapter_ids: set[int] = set()
         self._ready = False
 
@@ -123,12 +117,18 @@ class VLLMEngine:
         return self._settings.model_name
 
     @property
+    def model_path(self) -> Path:
+        return self._settings.model_path
+
+    @property
     def max_model_len(self) -> int:
         return self._max_model_len
 
     @property
-    def max_token_chars(self) -> int | None:
-        return self._max_token_chars
+    def client(self) -> AsyncLLM:
+        if self._engine is None:
+            raise EngineNotReady("engine is not ready")
+        return self._engine
 
     @property
     def ready(self) -> bool:
@@ -147,8 +147,6 @@ class VLLMEngine:
             )
         # Building the engine blocks for the model load; keep the event loop (health probes) free.
         self._engine = await asyncio.to_thread(self._build)
-        self._tokenizer = self._engine.get_tokenizer()
-        self._max_token_chars = longest_token_chars(self._tokenizer)
         self._max_model_len = self._engine.model_config.max_model_len
         nice = self._settings.engine.engine_cpu_nice
         lower_engine_priority(10 if nice is None and not self._on_gpu else nice or 0)
@@ -170,8 +168,12 @@ class VLLMEngine:
 
     async def _warmup(self) -> None:
         # The first forward pass is several times slower than the rest; pay it before serving.
-        ids = self.render_chat([{"role": "user", "content": "Hello"}])
-        async for _ in self.generate("warmup", ids, SamplingOptions(max_tokens=2, temperature=0)):
+        from vllm import SamplingParams
+        from vllm.inputs.engine import tokens_input
+
+        assert self._engine is not None
+        params = SamplingParams(max_tokens=2, temperature=0)
+        async for _ in self._engine.generate(tokens_input([1, 2, 3, 4]), params, "warmup"):
             pass
 
     async def shutdown(self) -> None:
@@ -179,69 +181,6 @@ class VLLMEngine:
         if self._engine is not None:
             engine, self._engine = self._engine, None
             await asyncio.to_thread(engine.shutdown)
-
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if self._tokenizer is None:
-            raise EngineNotReady("engine is not ready")
-        try:
-            ids = self._tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        except Exception as exc:  # jinja raises its own types for template errors
-            raise InvalidPromptError(f"messages do not fit the model's chat template: {exc}") from exc
-        return list(ids)
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        options: SamplingOptions,
-        adapter: AdapterSpec | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        if self._engine is None:
-            raise EngineNotReady("engine is not ready")
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMValidationError
-        from vllm.inputs.engine import tokens_input
-        from vllm.lora.request import LoRARequest
-        from vllm.sampling_params import RequestOutputKind
-
-        params = SamplingParams(
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            stop=list(options.stop) or None,
-            seed=options.seed,
-            ignore_eos=options.ignore_eos,
-            min_tokens=options.min_tokens,
-            logprobs=0 if options.sampled_logprobs else None,
-            output_kind=RequestOutputKind.DELTA,
-        )
-        lora = (
-            LoRARequest(adapter.name, adapter.engine_id, str(adapter.path)) if adapter is not None else None
-        )
-        stream = self._engine.generate(tokens_input(prompt_token_ids), params, request_id, lora_request=lora)
-        try:
-            async for output in stream:
-                completion = output.outputs[0]
-                logprobs: list[float] = []
-                if completion.logprobs:
-                    logprobs = [
-                        entry[token].logprob
-                        for token, entry in zip(completion.token_ids, completion.logprobs, strict=True)
-                    ]
-                yield GenerationChunk(
-                    text=completion.text,
-                    token_ids=completion.token_ids,
-                    logprobs=logprobs,
-                    finish_reason=completion.finish_reason,
-                    stop_reason=completion.stop_reason,
-                )
-        except (VLLMValidationError, ValueError) as exc:
-            raise InvalidPromptError(str(exc)) from exc
-        finally:
-            # Closing the generator early (client gone) makes vLLM abort the request.
-            await stream.aclose()
 
     async def abort(self, request_id: str) -> None:
         if self._engine is not None:
@@ -273,19 +212,6 @@ class VLLMEngine:
         if self._engine is not None:
             self._stats.unfinished_requests = self._engine.get_num_unfinished_requests()
         return self._stats
-
-
-def longest_token_chars(tokenizer: Any) -> int | None:
-    """The most characters of text one token of `tokenizer` stands for: the length of its longest
-    vocabulary entry. Byte-level vocabularies (GPT-2, Llama 3, Qwen, SmolLM) spell each byte as one
-    character and a character is at least one byte; SentencePiece ones spell each character as one.
-    None when the tokenizer has no vocabulary to read."""
-    try:
-        vocabulary = tokenizer.get_vocab()
-    except Exception:  # a tokenizer without get_vocab: no bound, every prompt is tokenized
-        logger.warning("the tokenizer's vocabulary cannot be read: prompts are tokenized however long")
-        return None
-    return max(map(len, vocabulary), default=0) or None
 
 
 def lower_engine_priority(nice: int) -> None:

@@ -11,11 +11,10 @@ from sqlmodel import Session
 from serving.adapters import AdapterConflictError
 from serving.deps import AdaptersDep, AdminDep, DatabaseDep, ReadyDep, SettingsDep, WatcherDep
 from serving.engine.base import AdapterLoadError
-from serving.errors import APIError, bad_request
+from serving.errors import APIError, bad_request, error_responses
 from serving.protocol import (
     ActiveModelRequest,
     AdapterLoadRequest,
-    ErrorResponse,
     ModelCard,
     ModelVersionInfo,
     ModelVersionList,
@@ -32,7 +31,7 @@ from serving.watcher import RegistryWatcher
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep, ReadyDep])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
+_ERRORS = error_responses(400, 401, 403, 404, 409, 503)
 
 
 def _not_found(name: str) -> APIError:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import random
@@ -11,25 +10,19 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
 
-from serving.chat import ChatService, CompletionResult, PreparedChat, new_conversation_id
+from serving.chat import PreparedChat, new_conversation_id
+from serving.chat_protocol import SEED_MAX, ChatCompareRequest, ChatCompletionRequest
 from serving.deps import ChatServiceDep, PrincipalDep, ReadyDep
-from serving.errors import APIError
-from serving.protocol import (
-    SEED_MAX,
-    ChatCompareRequest,
-    ChatComparison,
-    ChatCompletion,
-    ChatCompletionRequest,
-    ErrorResponse,
-    error_body,
-)
+from serving.errors import EVENT_STREAM, APIError, error_responses
+from serving.protocol import ChatComparison, error_body
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 503)}
+_ERRORS = error_responses(400, 404, 503)
 
 
 def _headers(chat: PreparedChat) -> dict[str, str]:
@@ -46,23 +39,25 @@ def _headers(chat: PreparedChat) -> dict[str, str]:
 
 @router.post(
     "/chat/completions",
-    response_model=ChatCompletion,
-    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    response_model=ChatCompletionResponse,
+    responses={**_ERRORS, **EVENT_STREAM},
     dependencies=[ReadyDep],
 )
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, chat_service: ChatServiceDep, principal: PrincipalDep
 ):
-    """OpenAI-compatible chat completion; `model` may be the base, an adapter or `loopchat`."""
-    chat = await chat_service.prepare_routed(body)
+    """OpenAI-compatible chat completion, answered by vLLM's serving layer; `model` may be the
+    base, an adapter or `loopchat`. With `n > 1`, choice i is logged (and rated) as `<id>.<i>`."""
+    chat = await chat_service.prepare_routed(body, await _raw_messages(request))
     chat.site = principal.site
     if body.stream:
+        events = await chat_service.respond(chat, body)
         return StreamingResponse(
-            _sse(chat_service, chat),
+            _sse(chat, events),
             media_type="text/event-stream",
             headers={**_headers(chat), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    response, _ = await _unless_disconnected(request, chat_service.complete(chat))
+    response = await _unless_disconnected(request, chat_service.respond(chat, body))
     return JSONResponse(response, headers=_headers(chat))
 
 
@@ -79,38 +74,52 @@ async def compare_chat_completions(
     """
     pair_id = f"cmp-{uuid.uuid4().hex}"
     conversation_id = (body.metadata or {}).get("conversation_id") or new_conversation_id()
+    raw_messages = await _raw_messages(request)
     routes = None if body.models else chat_service.comparison_routes(body.user, conversation_id)
     if routes is not None:
-        chats = [await chat_service.prepare(body, route=r, conversation_id=conversation_id) for r in routes]
+        chats = [
+            chat_service.prepare(body, raw_messages, route=r, conversation_id=conversation_id) for r in routes
+        ]
     else:
         names = body.models or chat_service.comparison_models()
-        chats = [await chat_service.prepare(body, model=n, conversation_id=conversation_id) for n in names]
+        chats = [
+            chat_service.prepare(body, raw_messages, model=n, conversation_id=conversation_id) for n in names
+        ]
+    requests = []
     for index, chat in enumerate(chats):
         chat.pair_id = pair_id
         chat.site = principal.site
+        one = body
         if body.seed is not None:
             # One seed for both would give one version's two answers alike: the second answer
             # takes the next seed (the previous one at the top of the range).
             seed = body.seed + index if body.seed < SEED_MAX else body.seed - index
-            chat.options = dataclasses.replace(chat.options, seed=seed)
-    random.shuffle(chats)
-    done = await _unless_disconnected(request, asyncio.gather(*(chat_service.complete(c) for c in chats)))
+            one = body.model_copy(update={"seed": seed})
+        requests.append(one)
+    order = list(range(len(chats)))
+    random.shuffle(order)
+    answers = asyncio.gather(*(chat_service.respond(chats[i], requests[i]) for i in order))
+    done = await _unless_disconnected(request, answers)
     return JSONResponse(
         {
             "object": "chat.comparison",
             "id": pair_id,
             "conversation_id": chats[0].conversation_id,
-            "completions": [response for response, _ in done],
+            "completions": done,
         },
         headers={"x-loopchat-conversation-id": chats[0].conversation_id},
     )
 
 
-async def _sse(service: ChatService, chat: PreparedChat) -> AsyncIterator[str]:
+async def _raw_messages(request: Request) -> list:
+    """The messages as sent (the body is already read and valid: Starlette keeps it)."""
+    return (await request.json()).get("messages") or []
+
+
+async def _sse(chat: PreparedChat, events: AsyncIterator[str]) -> AsyncIterator[str]:
     # A client disconnect cancels this generator (Starlette), which aborts the engine request.
-    result = CompletionResult()
     try:
-        async for event in service.stream(chat, result):
+        async for event in events:
             yield event
     except APIError as exc:
         # Headers are already sent: report the error in-band, as OpenAI-compatible servers do.

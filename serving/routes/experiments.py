@@ -9,19 +9,19 @@ from fastapi import APIRouter
 
 from feedback.models import Experiment
 from serving.deps import AdminDep, ExperimentMetricsDep, ExperimentsDep, WatcherDep
-from serving.errors import APIError, bad_request
+from serving.errors import APIError, bad_request, error_responses
 from serving.experiment_spec import (
     ExperimentError,
     ExperimentNotFoundError,
     ExperimentSpec,
     StaleExperimentError,
 )
-from serving.protocol import DecisionRequest, ErrorResponse, WeightsRequest
+from serving.protocol import DecisionRequest, WeightsRequest
 from serving.registry import VersionConflictError, VersionNotFoundError
 
 router = APIRouter(prefix="/admin/experiments", tags=["experiments"], dependencies=[AdminDep])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
+_ERRORS = error_responses(400, 401, 403, 404, 409, 503)
 
 
 def experiment_json(experiment: Experiment) -> dict[str, Any]:

@@ -16,12 +16,12 @@ from feedback.protocol import (
 )
 from monitoring.metrics import NO_VARIANT
 from serving.deps import FeedbackDep, FeedbackMetricsDep, PrincipalDep
-from serving.protocol import ErrorResponse
+from serving.errors import error_responses
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 conversations = APIRouter(prefix="/v1/conversations", tags=["feedback"])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 503)}
+_ERRORS = error_responses(400, 404, 409, 503)
 
 
 @router.post("", response_model=FeedbackResponse, responses=_ERRORS)

@@ -5,8 +5,8 @@ from fastapi import APIRouter
 from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
 from serving.deps import AdaptersDep, EngineDep
 from serving.engine.base import ChatEngine
-from serving.errors import APIError
-from serving.protocol import ErrorResponse, ModelCard, ModelList
+from serving.errors import APIError, error_responses
+from serving.protocol import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -27,7 +27,7 @@ async def list_models(adapters: AdaptersDep, engine: EngineDep) -> ModelList:
     return ModelList(data=[_card(v, adapters, engine) for v in adapters.versions()])
 
 
-@router.get("/models/{model:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+@router.get("/models/{model:path}", response_model=ModelCard, responses=error_responses(404))
 async def get_model(model: str, adapters: AdaptersDep, engine: EngineDep) -> ModelCard:
     try:
         return _card(adapters.resolve(model), adapters, engine)

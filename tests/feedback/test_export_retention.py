@@ -23,6 +23,7 @@ from serving.settings import FeedbackSettings, Settings
 from tests.conftest import REPO, wait_ready
 from tests.feedback.test_writer import completion, count, rating
 from tests.utils.db import wait_for_rows
+from tests.utils.fake_engine import FakeEngine
 
 PII = "Mail me at jane.doe@example.com or call +44 20 7946 0958, card 4111 1111 1111 1111."
 
@@ -147,13 +148,14 @@ def test_parse_duration_refuses(text: str):
         parse_duration(text)
 
 
-def test_redaction_before_storage(settings: Settings, fake_engine, tmp_path: Path):
+def test_redaction_before_storage(settings: Settings, tmp_path: Path):
     settings = settings.model_copy(
         update={
             "feedback": FeedbackSettings(redact="storage", custom_patterns={"order_id": r"\bORD-\d{6}\b"})
         }
     )
-    with TestClient(create_app(settings, engine=fake_engine, exit_on_engine_failure=False)) as client:
+    engine = FakeEngine(max_model_len=512)
+    with TestClient(create_app(settings, engine=engine, exit_on_engine_failure=False)) as client:
         wait_ready(client)
         body = {"messages": [{"role": "user", "content": PII + " Order ORD-123456."}], "max_tokens": 8}
         response = client.post("/v1/chat/completions", json=body).json()

@@ -74,7 +74,8 @@ def test_engine_fault_is_logged_with_its_error(db_client: TestClient, db_setting
     assert response.json()["error"]["message"] == "internal server error"
     rows = wait_for_rows(db_settings.db_url, "SELECT * FROM completion", 1)
     assert rows[0]["error"] == "RuntimeError: device lost"
-    assert rows[0]["finish_reason"] == "abort" and rows[0]["completion_tokens"] == 1
+    # A whole (not streamed) answer reaches the log only at its end: no token of it was counted.
+    assert rows[0]["finish_reason"] == "abort" and rows[0]["completion_tokens"] == 0
 
 
 def test_conversation_continues_through_metadata(db_client: TestClient, db_settings: Settings):
@@ -333,3 +334,106 @@ def test_chat_and_ratings_go_on_while_the_database_is_down(settings: Settings, f
     finally:
         proxy.close()
         drop()
+
+
+def test_each_choice_of_n_is_logged_rated_and_preferred(db_client: TestClient, db_settings: Settings):
+    body = chat(db_client, n=3)
+    ids = [body["id"], f"{body['id']}.1", f"{body['id']}.2"]
+    assert [choice["index"] for choice in body["choices"]] == [0, 1, 2]
+    rows = wait_for_rows(db_settings.db_url, "SELECT id, response, completion_tokens FROM completion", 3)
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert all(r["completion_tokens"] == 4 for r in rows)
+    assert rate(db_client, completion_id=ids[2], rating="up", user="alice").status_code == 200
+    # The user's pick among the choices is a side-by-side choice: it needs no second request.
+    picked = db_client.post(
+        "/v1/feedback/preference",
+        json={"chosen_completion_id": ids[1], "rejected_completion_id": ids[0], "user": "alice"},
+    )
+    assert picked.status_code == 200, picked.text
+
+
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup_order",
+        "description": "Find an order by its id",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_tool_calls_are_logged_and_exported_in_trl_format(db_settings: Settings, tmp_path, stream: bool):
+    from serving.app import create_app
+    from tests.conftest import wait_ready
+    from tests.utils.fake_engine import FakeEngine
+
+    # The chat template puts the tools' signatures in the prompt: a context that holds them.
+    engine = FakeEngine(
+        max_model_len=1024,
+        answer='<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "42"}}\n</tool_call>',
+    )
+    with TestClient(create_app(db_settings, engine=engine, exit_on_engine_failure=False)) as db_client:
+        wait_ready(db_client)
+        _call_a_tool_log_and_export(db_client, db_settings, tmp_path, stream)
+
+
+def _call_a_tool_log_and_export(db_client: TestClient, db_settings: Settings, tmp_path, stream: bool) -> None:
+    from feedback.db import make_engine
+    from feedback.export import export_jsonl
+
+    request = {**CHAT, "max_tokens": 40, "tools": [LOOKUP], "tool_choice": "auto"}
+    if stream:
+        with db_client.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as response:
+            completion_id = response.headers["x-loopchat-completion-id"]
+            events = [line for line in response.iter_lines() if line.startswith("data: {")]
+        deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in events if json.loads(e[6:])["choices"]]
+        assert any(d.get("tool_calls") for d in deltas)
+    else:
+        body = db_client.post("/v1/chat/completions", json=request).json()
+        completion_id = body["id"]
+        [call] = body["choices"][0]["message"]["tool_calls"]
+        assert call["function"]["name"] == "lookup_order"
+        assert json.loads(call["function"]["arguments"]) == {"order_id": "42"}
+        assert body["choices"][0]["finish_reason"] == "tool_calls"
+    row = completion_row(db_settings.db_url, completion_id)
+    calls = row["tool_calls"] if isinstance(row["tool_calls"], list) else json.loads(row["tool_calls"])
+    tools = row["tools"] if isinstance(row["tools"], list) else json.loads(row["tools"])
+    assert [c["function"]["name"] for c in calls] == ["lookup_order"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"order_id": "42"}
+    assert tools[0]["function"]["name"] == "lookup_order"
+    assert "<tool_call>" not in row["response"]
+
+    assert rate(db_client, completion_id=completion_id, rating="up", user="alice").status_code == 200
+    wait_for_rows(db_settings.db_url, "SELECT * FROM rating", 1)
+    engine = make_engine(db_settings.db_url)
+    try:
+        assert export_jsonl(engine, "sft", tmp_path / "sft.jsonl", Redactor()) == 1
+    finally:
+        engine.dispose()
+    [example] = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert example["tools"][0]["function"]["name"] == "lookup_order"
+    [answer] = example["completion"]
+    assert answer["role"] == "assistant"
+    assert answer["tool_calls"][0]["function"]["name"] == "lookup_order"
+
+
+def test_an_engine_fault_mid_stream_is_reported_in_band_and_logged(
+    db_client: TestClient, db_settings: Settings, fake_engine
+):
+    fake_engine.fail_with = RuntimeError("device lost")
+    with db_client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+        assert response.status_code == 200  # the headers were sent before the fault
+        completion_id = response.headers["x-loopchat-completion-id"]
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    failure = json.loads(events[-2])["error"]
+    assert failure == {
+        "message": "internal server error",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
+    row = completion_row(db_settings.db_url, completion_id)
+    assert row["error"] == "device lost" and row["finish_reason"] == "abort"
+    assert row["completion_tokens"] == 1

@@ -27,6 +27,7 @@ from feedback.spool import Spool, SpoolFullError, erase_user_from_rejected, purg
 from serving.app import create_app
 from tests.conftest import wait_ready
 from tests.feedback.test_writer import UNREACHABLE, completion, count, rating, wait_until, writer_for
+from tests.utils.fake_engine import FakeEngine
 
 EMAIL = "jane.doe@example.com"
 
@@ -203,18 +204,23 @@ def test_the_spool_has_a_size_cap(tmp_path: Path):
     assert len(Spool(tmp_path, max_bytes=2_000)) == 1  # the cap counts what is on disk at start
 
 
-def test_ratings_get_503_with_retry_after_once_the_spool_is_full(settings, fake_engine, tmp_path: Path):
+def test_ratings_get_503_with_retry_after_once_the_spool_is_full(settings, tmp_path: Path):
     """The database is down and the spool at its cap: ratings are refused, never dropped silently."""
     feedback = settings.feedback.model_copy(update={"max_spool_bytes": 2**20, "retry_interval_s": 60})
     full = settings.model_copy(update={"database_url": UNREACHABLE, "feedback": feedback})
-    app = create_app(full, engine=fake_engine, exit_on_engine_failure=False)
+    engine = FakeEngine(max_model_len=8192)
+    app = create_app(full, engine=engine, exit_on_engine_failure=False)
     with TestClient(app) as client:
         wait_ready(client)
-        model, ids = fake_engine.model_name, []
-        for _ in range(24):  # 24 chats of 60k characters: well past 1 MiB of spool
+        model, ids = engine.model_name, []
+        for _ in range(100):  # 100 chats of 14k characters (7k tokens): well past 1 MiB of spool
             response = client.post(
                 "/v1/chat/completions",
-                json={"model": model, "messages": [{"role": "user", "content": "y" * 60_000}]},
+                json={
+                    "model": model,
+                    "messages": [{"role": "user", "content": "y" * 14_000}],
+                    "max_tokens": 4,
+                },
             )
             assert response.status_code == 200, response.text
             ids.append(response.json()["id"])

@@ -366,11 +366,11 @@ def test_hostile_text_shows_as_text(tab: Tab, server_url: str) -> None:
 @pytest.mark.browser
 def test_api_errors_show_their_message(tab: Tab, server_url: str) -> None:
     page = open_chat(tab, server_url, max_tokens=2000)
-    # The real server refuses: the fake engine's context is 1024 tokens.
+    # The real server (vLLM's serving layer) refuses: the fake engine's context is 1024 tokens.
     page.fill("#prompt", "too long please")
     page.press("#prompt", "Enter")
     error = page.get_by_role("alert")
-    expect(error).to_contain_text("maximum context length is 1024 tokens")
+    expect(error).to_contain_text("cannot be greater than max_model_len=1024")
     assert page.locator("article.msg-assistant").count() == 0
 
     page.fill("#max-tokens", "4")

@@ -164,7 +164,13 @@ def test_multiprocess_mode_reports_every_worker(tmp_path: Path) -> None:
     both, counters summed, live gauges from the live workers only."""
     shared = tmp_path / "prometheus"
     shared.mkdir()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared), "PYTHONPATH": str(REPO)}
+    # vLLM would log to standard output, which the test reads.
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(shared),
+        "PYTHONPATH": str(REPO),
+        "VLLM_CONFIGURE_LOGGING": "0",
+    }
     worker = [sys.executable, "-c", WORKER]
     first = subprocess.Popen(
         [*worker, str(tmp_path / "a"), "3", "wait"],

@@ -57,7 +57,7 @@ def test_load_serve_and_unload_an_adapter(
     assert response.status_code == 200
     assert response.headers["x-loopchat-model-version"] == "v1"
     assert response.json()["choices"][0]["message"]["content"].startswith("[v1]")
-    assert fake_engine.requests[-1][2].name == "v1"
+    assert fake_engine.requests[-1][2] == "v1"
 
     deleted = client.delete("/admin/adapters/v1", headers=admin_headers)
     assert deleted.status_code == 204

@@ -5,20 +5,15 @@ context is refused before it is tokenized, and every numeric field out of the en
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.adapters import AdapterSet
 from serving.app import create_app
-from serving.chat import ChatService
-from serving.engine.vllm_engine import VLLMEngine, longest_token_chars
+from serving.chat_protocol import SEED_MAX, ChatCompletionRequest
 from serving.errors import APIError
-from serving.protocol import SEED_MAX, SEED_MIN, ChatCompletionRequest
 from serving.settings import Settings
 from tests.conftest import wait_ready
 from tests.utils.fake_engine import FakeEngine
@@ -41,67 +36,56 @@ def assert_openai_400(response, param: str | None) -> dict:
     return error
 
 
-# -- tokenizing ---------------------------------------------------------------------------------
+# -- tokenizing (vLLM's renderer, on the embedded model's tokenizer) ---------------------------
 
 
-def test_tokenizing_a_prompt_leaves_the_event_loop_free(settings: Settings) -> None:
-    engine = FakeEngine(render_seconds=1.5)  # a slow tokenizer, spinning on the CPU
-    with app_client(settings, engine) as client, ThreadPoolExecutor(1) as pool:
-        wait_ready(client)
-        chat = pool.submit(client.post, "/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
-        assert engine.rendering.wait(10)
-        started = time.perf_counter()
-        assert client.get("/healthz").status_code == 200
-        # Were tokenizing on the loop, the probe would wait for the whole render (1.5 s).
-        assert time.perf_counter() - started < 0.5
-        assert chat.result(30).status_code == 200
+def max_chars_per_token() -> int:
+    from tests.utils.fake_engine import _vllm_config
+
+    _, renderer, _ = _vllm_config(8192)
+    return renderer.tokenizer.max_chars_per_token
 
 
-def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(settings: Settings) -> None:
-    # 64 tokens of at most 16 characters: 1024 characters at most. The fake engine would take
-    # one long word as a single token, so only the character bound refuses it.
-    engine = FakeEngine(max_model_len=64, max_token_chars=16, render_seconds=5.0)
+def test_a_prompt_that_cannot_fit_is_refused_before_generation(settings: Settings) -> None:
+    engine = FakeEngine(max_model_len=64)
     with app_client(settings, engine) as client:
         wait_ready(client)
-        too_long = [{"role": "system", "content": "s" * 24}, {"role": "user", "content": "x" * 1001}]
+        bound = 64 * max_chars_per_token()
+        too_long = [{"role": "user", "content": "x" * (bound + 1)}]
         started = time.perf_counter()
         response = client.post("/v1/chat/completions", json={"messages": too_long})
         assert time.perf_counter() - started < 1
-        error = assert_openai_400(response, "messages")
-        assert error["code"] == "context_length_exceeded"
-        assert "64 tokens" in error["message"] and "1025 characters" in error["message"]
-        assert engine.renders == 0 and engine.requests == []
-
-        engine.render_seconds = 0
-        fits = [{"role": "system", "content": "s" * 24}, {"role": "user", "content": "x" * 1000}]
-        response = client.post("/v1/chat/completions", json={"messages": fits, "max_tokens": 2})
-        assert response.status_code == 200, response.text
-        assert engine.renders == 1
+        error = assert_openai_400(response, None)
+        assert error["code"] == "context_length_exceeded" and "64 tokens" in error["message"]
+        assert engine.requests == []
+        fits = [{"role": "user", "content": "hi"}]
+        assert (
+            client.post("/v1/chat/completions", json={"messages": fits, "max_tokens": 2}).status_code == 200
+        )
 
 
 def test_the_character_bound_holds_for_the_embedded_tokenizer(base_model_path: Path) -> None:
-    """No text takes fewer tokens than its characters over the bound (so nothing that fits is
+    """No text takes fewer tokens than its characters over vLLM's bound (so nothing that fits is
     refused), and the bound still refuses a 1 MiB body in a 4096-token context."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
-    bound = longest_token_chars(tokenizer)
-    assert bound is not None and 4096 * bound < 2**20
+    bound = max_chars_per_token()
+    assert 4096 * bound < 2**20
     for text in (" " * 20_000, "=" * 20_000, "#" * 20_000, "\n" + " " * 19_999, "ab " * 7_000, "é" * 9_000):
         assert len(text) <= len(tokenizer.encode(text, add_special_tokens=False)) * bound
 
 
-async def test_the_real_tokenizer_runs_off_the_loop(base_model_path: Path, tmp_path: Path) -> None:
-    """The vLLM engine's render_chat on the embedded model's tokenizer (vLLM not started), for a
-    prompt just under the character bound, tokenized while the loop goes on."""
-    from transformers import AutoTokenizer
+async def test_the_real_tokenizer_runs_off_the_loop(tmp_path: Path) -> None:
+    """A prompt of tens of thousands of tokens, just under the character bound, is tokenized by
+    vLLM's renderer while the event loop goes on, then refused as too long."""
+    from tests.serving.test_chat_service import Log, service_on
 
-    engine = VLLMEngine(Settings(data_dir=tmp_path, base_model=base_model_path))
-    engine._tokenizer = AutoTokenizer.from_pretrained(base_model_path)
-    engine._max_token_chars = longest_token_chars(engine._tokenizer)
-    service = ChatService(engine, AdapterSet(engine))
-    chars = engine.max_model_len * engine.max_token_chars - 1000
-    messages = [{"role": "user", "content": "hello world " * (chars // 6 // 12)}] * 6
+    engine = FakeEngine(max_model_len=8192)
+    service = await service_on(engine, Log(), tmp_path)
+    chars = engine.max_model_len * max_chars_per_token() - 1000
+    messages = [{"role": "user", "content": "hello world " * (chars // 12 // 12)}] * 12
+    request = ChatCompletionRequest(messages=messages)
     gaps: list[float] = []
 
     async def tick() -> None:
@@ -114,28 +98,14 @@ async def test_the_real_tokenizer_runs_off_the_loop(base_model_path: Path, tmp_p
     ticker = asyncio.create_task(tick())
     await asyncio.sleep(0.05)
     started = time.perf_counter()
-    with pytest.raises(APIError) as refused:  # ~70k tokens: tokenized, then refused
-        await service.prepare(ChatCompletionRequest(messages=messages))
+    with pytest.raises(APIError) as refused:
+        await service.respond(service.prepare(request, messages), request)
     tokenizing = time.perf_counter() - started
     ticker.cancel()
     assert refused.value.code == "context_length_exceeded" and "tokens" in refused.value.message
-    # Were it on the loop, the longest stall would be the whole tokenizing time (~0.2 s here).
+    assert engine.requests == []
+    # Were it on the loop, the longest stall would be the whole tokenizing time.
     assert max(gaps) < tokenizing / 3, (max(gaps), tokenizing)
-
-
-def test_longest_token_chars_reads_the_vocabulary() -> None:
-    class Vocabulary:
-        def __init__(self, vocab: dict[str, int] | None) -> None:
-            self.vocab = vocab
-
-        def get_vocab(self) -> dict[str, int]:
-            if self.vocab is None:
-                raise NotImplementedError
-            return self.vocab
-
-    assert longest_token_chars(Vocabulary({"a": 0, "Ġhello": 1, "<|im_start|>": 2})) == 12
-    assert longest_token_chars(Vocabulary({})) is None
-    assert longest_token_chars(Vocabulary(None)) is None
 
 
 # -- numeric fields -----------------------------------------------------------------------------
@@ -147,14 +117,14 @@ BOUNDS = [
     ("top_p", 1e-9, 0.0),
     ("top_p", 1.0, 1.000001),
     ("seed", SEED_MAX, SEED_MAX + 1),
-    ("seed", SEED_MIN, SEED_MIN - 1),
+    ("seed", -SEED_MAX - 1, -SEED_MAX - 2),
     ("seed", 0, 2**64),
     ("seed", 1e18, 1e19),
     ("max_tokens", 1, 0),
     ("max_tokens", 50, 10**30),
     ("max_completion_tokens", 1, 0),
     ("max_completion_tokens", 50, 10**30),
-    ("n", 1, 2),
+    ("n", 16, 17),
     ("n", 1, 0),
     ("min_tokens", 0, -1),
 ]
@@ -166,11 +136,13 @@ def test_numeric_fields_just_inside_are_served_just_outside_are_400(
 ) -> None:
     ok = client.post("/v1/chat/completions", json={"messages": USER, field: inside})
     assert ok.status_code == 200, ok.text
-    _, options, _ = fake_engine.requests[-1]
+    _, params, _ = fake_engine.requests[-1]
     if field in ("temperature", "top_p", "seed"):
-        assert getattr(options, field) == inside
+        assert getattr(params, field) == inside
     refused = client.post("/v1/chat/completions", json={"messages": USER, field: outside})
-    assert_openai_400(refused, field)
+    # vLLM's own checks name max_tokens for either token field, and no field for some.
+    error = assert_openai_400(refused, None)
+    assert error["param"] in (field, "max_tokens", None)
     assert len(fake_engine.requests) == 1
 
 
@@ -195,12 +167,10 @@ def test_numbers_json_cannot_hold_are_400(client: TestClient, fake_engine: FakeE
     assert fake_engine.requests == []
 
 
-def test_min_tokens_beyond_max_tokens_is_cut_to_it(client: TestClient, fake_engine: FakeEngine) -> None:
-    # vLLM refuses min_tokens > max_tokens; the service cuts it rather than fail in the engine.
+def test_min_tokens_beyond_max_tokens_is_400(client: TestClient, fake_engine: FakeEngine) -> None:
+    # As vLLM's own server: refused with the OpenAI error body, never a 500.
     response = client.post(
         "/v1/chat/completions", json={"messages": USER, "max_tokens": 3, "min_tokens": 10**30}
     )
-    assert response.status_code == 200, response.text
-    _, options, _ = fake_engine.requests[-1]
-    assert (options.max_tokens, options.min_tokens) == (3, 3)
-    assert json.loads(response.text)["usage"]["completion_tokens"] <= 3
+    assert_openai_400(response, None)
+    assert fake_engine.requests == []

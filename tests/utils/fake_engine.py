@@ -1,22 +1,87 @@
-"""A ChatEngine that needs no model: words are tokens, answers echo the last user message."""
+"""A ChatEngine that needs no model weights: vLLM's serving layer over a fake engine client.
+
+Requests go through vLLM's real OpenAI serving classes, renderer and tokenizer (the embedded
+model's config and tokenizer, never its weights); only generation is fake: the answer is
+"echo" followed by the prompt's last token ids, one word per token.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-import zlib
-from collections.abc import AsyncIterator
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
-from serving.engine.base import (
-    AdapterLoadError,
-    AdapterSpec,
-    EngineNotReady,
-    EngineStats,
-    GenerationChunk,
-    InvalidPromptError,
-    SamplingOptions,
-)
+from serving.engine.base import AdapterLoadError, AdapterSpec, EngineNotReady, EngineStats
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def embedded_model_path() -> Path:
+    from serving.embedded_model import prepare
+
+    data_dir = Path(os.environ.get("LOOPCHAT_DATA_DIR", REPO / ".data")).resolve()
+    return prepare(data_dir / "models" / "SmolLM2-135M-Instruct")
+
+
+@lru_cache(maxsize=8)
+def _vllm_config(max_model_len: int) -> tuple[Any, Any, Any]:
+    """vLLM's config, renderer and input processor for the embedded model (built once per length:
+    the first takes about two seconds)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.renderers import renderer_from_config
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    path = embedded_model_path()
+    config = AsyncEngineArgs(
+        model=str(path),
+        enable_lora=True,
+        max_model_len=max_model_len,
+        dtype="float32",
+        enforce_eager=True,
+    ).create_engine_config()
+    renderer = renderer_from_config(config)
+    return config, renderer, InputProcessor(config, renderer)
+
+
+class FakeEngineClient:
+    """The part of vLLM's EngineClient its serving classes use, with fake generation."""
+
+    def __init__(self, engine: FakeEngine, max_model_len: int) -> None:
+        self._engine = engine
+        self.vllm_config, self.renderer, self.input_processor = _vllm_config(max_model_len)
+        self.model_config = self.vllm_config.model_config
+        self.dead_error = RuntimeError("the fake engine stopped")
+
+    @property
+    def errored(self) -> bool:
+        return not self._engine.ready
+
+    @property
+    def is_running(self) -> bool:
+        return self._engine.ready
+
+    def check_admission(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def is_tracing_enabled(self) -> bool:
+        return False
+
+    async def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    async def add_lora(self, lora_request: Any) -> bool:
+        return True
+
+    async def abort(self, request_id: Any) -> None:
+        self._engine.aborted.append(request_id)
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any):
+        async for output in self._engine.fake_generate(prompt, sampling_params, request_id, **kwargs):
+            yield output
 
 
 class FakeEngine:
@@ -27,19 +92,14 @@ class FakeEngine:
         max_model_len: int = 64,
         token_delay: float = 0.0,
         start_delay: float = 0.0,
-        max_token_chars: int | None = None,
-        render_seconds: float = 0.0,
+        answer: str | None = None,
     ) -> None:
         self._model_name = model_name
         self._max_model_len = max_model_len
-        # Words are tokens, of any length: no bound unless a test sets one.
-        self._max_token_chars = max_token_chars
         self.token_delay = token_delay
         self.start_delay = start_delay
-        # CPU time each render_chat spins for, holding the GIL as a tokenizer's Python code does.
-        self.render_seconds = render_seconds
-        self.rendering = threading.Event()  # set once a render_chat has begun
-        self.renders = 0
+        # When set, every answer is this text (a word per token) instead of the echo.
+        self.answer = answer
         # When set, generation raises it after the first token (an engine fault mid-answer).
         self.fail_with: Exception | None = None
         # Adapters (by name) whose answers fail the same way: a broken model version.
@@ -47,29 +107,38 @@ class FakeEngine:
         # Adapters (by name) this engine refuses to load (storage missing on this replica).
         self.unloadable_adapters: set[str] = set()
         self._ready = False
+        self._client: FakeEngineClient | None = None
         self.adapters: dict[int, AdapterSpec] = {}
         self.running: set[str] = set()
         self.aborted: list[str] = []
-        self.requests: list[tuple[str, SamplingOptions, AdapterSpec | None]] = []
+        # (request id, vLLM SamplingParams, adapter name or None) of every generation.
+        self.requests: list[tuple[str, Any, str | None]] = []
 
     @property
     def model_name(self) -> str:
         return self._model_name
 
     @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
+    def model_path(self) -> Path:
+        return embedded_model_path()
 
     @property
-    def max_token_chars(self) -> int | None:
-        return self._max_token_chars
+    def max_model_len(self) -> int:
+        return self._max_model_len
 
     @property
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def client(self) -> FakeEngineClient:
+        if self._client is None:
+            raise EngineNotReady("not started")
+        return self._client
+
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay)
+        self._client = await asyncio.to_thread(FakeEngineClient, self, self._max_model_len)
         self._ready = True
 
     async def shutdown(self) -> None:
@@ -79,69 +148,80 @@ class FakeEngine:
         """The engine dies after start (as vLLM's engine core killed or a device lost)."""
         self._ready = False
 
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not self._ready:
-            raise EngineNotReady("not ready")
-        self.renders += 1
-        self.rendering.set()
-        deadline = time.perf_counter() + self.render_seconds
-        while time.perf_counter() < deadline:
-            pass
-        words: list[str] = []
-        for message in messages:
-            if message["role"] not in ("system", "user", "assistant"):
-                raise InvalidPromptError(f"unknown role {message['role']}")
-            words += [f"<{message['role']}>", *message["content"].split()]
-        # crc32, not hash(): the same prompt gives the same tokens in every process.
-        return [zlib.crc32(w.encode()) % 1000 for w in words] + [0]
+    async def fake_generate(
+        self, prompt: Any, params: Any, request_id: str, lora_request: Any = None, **_: Any
+    ):
+        from vllm.sampling_params import RequestOutputKind
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        options: SamplingOptions,
-        adapter: AdapterSpec | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        self.requests.append((request_id, options, adapter))
+        adapter = lora_request.lora_name if lora_request is not None else None
+        self.requests.append((request_id, params, adapter))
         self.running.add(request_id)
-        prefix = f"[{adapter.name}] " if adapter else ""
-        words = (prefix + "echo " + " ".join(str(t) for t in prompt_token_ids)).split()
+        prompt_ids = list(prompt.get("prompt_token_ids") or [])
+        prefix = f"[{adapter}] " if adapter else ""
+        text = (
+            self.answer if self.answer is not None else "echo " + " ".join(str(t) for t in prompt_ids[-24:])
+        )
+        words = (prefix + text).split()
+        delta = params.output_kind == RequestOutputKind.DELTA
+        n = params.n
+        texts = [""] * n
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[dict]] = [[] for _ in range(n)]
         try:
             produced = 0
-            while produced < options.max_tokens:
-                if produced >= len(words) and not options.ignore_eos:
-                    yield GenerationChunk(text="", token_ids=[], finish_reason="stop")
-                    return
+            finish: str | None = None
+            while finish is None:
+                if produced >= params.max_tokens:
+                    finish = "length"
+                    break
+                if produced >= len(words) and not params.ignore_eos:
+                    finish = "stop"
+                    break
                 await asyncio.sleep(self.token_delay)
-                word = words[produced % len(words)]
-                text = word if produced == 0 else " " + word
-                for stop in options.stop:
-                    if stop in text:
-                        yield GenerationChunk(
-                            text="", token_ids=[1], logprobs=[-0.5], finish_reason="stop", stop_reason=stop
-                        )
-                        return
                 if produced == 1 and self.fail_with is not None:
                     raise self.fail_with
-                if produced == 1 and adapter is not None and adapter.name in self.failing_adapters:
-                    raise RuntimeError(f"injected fault in {adapter.name}")
+                if produced == 1 and adapter is not None and adapter in self.failing_adapters:
+                    raise RuntimeError(f"injected fault in {adapter}")
+                word = words[produced % len(words)]
+                piece = word if produced == 0 else " " + word
+                if any(stop in piece for stop in params.stop or ()):
+                    finish = "stop"
+                    break
                 produced += 1
-                done = produced >= options.max_tokens
-                yield GenerationChunk(
-                    text=text,
-                    token_ids=[produced],
+                step = []
+                for index in range(n):
+                    token = 100 + produced + index
+                    texts[index] += piece
+                    tokens[index].append(token)
                     # Distinct values, so the logged mean and minimum can be checked.
-                    logprobs=[-0.1 * produced],
-                    finish_reason="length" if done else None,
-                )
+                    entry = _logprob_entry(token, -0.1 * produced) if params.logprobs is not None else None
+                    if entry is not None:
+                        logprobs[index].append(entry)
+                    step.append((index, piece, token, entry))
+                if delta:
+                    done = produced >= params.max_tokens
+                    yield _output(
+                        request_id,
+                        prompt_ids,
+                        [
+                            (index, piece_text, [token], [entry] if entry is not None else None)
+                            for index, piece_text, token, entry in step
+                        ],
+                        "length" if done else None,
+                    )
+                    if done:
+                        return
+            if delta:  # the last delta: no new text, the finish reason
+                yield _output(request_id, prompt_ids, [(i, "", [], None) for i in range(n)], finish)
+            else:
+                with_logprobs = params.logprobs is not None
+                choices = [(i, texts[i], tokens[i], logprobs[i] if with_logprobs else None) for i in range(n)]
+                yield _output(request_id, prompt_ids, choices, finish)
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request_id)
             raise
         finally:
             self.running.discard(request_id)
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
 
     async def add_adapter(self, adapter: AdapterSpec) -> None:
         if adapter.name in self.unloadable_adapters:
@@ -159,3 +239,33 @@ class FakeEngine:
             unfinished_requests=len(self.running),
             loaded_adapters=len(self.adapters),
         )
+
+
+def _logprob_entry(token: int, value: float) -> dict:
+    from vllm.logprobs import Logprob
+
+    return {token: Logprob(logprob=value, rank=1, decoded_token=None)}
+
+
+def _output(request_id: str, prompt_ids: list[int], choices: list[tuple], finish: str | None) -> Any:
+    """vLLM's RequestOutput: for each choice (index, text, token ids, logprobs or None)."""
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    return RequestOutput(
+        request_id=request_id,
+        prompt=None,
+        prompt_token_ids=prompt_ids,
+        prompt_logprobs=None,
+        outputs=[
+            CompletionOutput(
+                index=index,
+                text=text,
+                token_ids=list(token_ids),
+                cumulative_logprob=None,
+                logprobs=list(logprobs) if logprobs is not None else None,
+                finish_reason=finish,
+            )
+            for index, text, token_ids, logprobs in choices
+        ],
+        finished=finish is not None,
+    )

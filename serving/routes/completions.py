@@ -1,0 +1,83 @@
+"""`/v1/completions` and vLLM's `/tokenize` and `/detokenize`, answered by vLLM's serving layer.
+
+Completions are raw text prompts, not conversations: they are served (on any model version, the
+alias following the active one) and metered, but not written to the conversation log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from vllm.entrypoints.openai.completion.protocol import CompletionResponse
+from vllm.entrypoints.serve.tokenize.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+from serving.adapters import UnknownModelError
+from serving.chat import new_request_hex
+from serving.chat_protocol import CompletionRequest
+from serving.deps import AdaptersDep, ChatServiceDep, ReadyDep
+from serving.errors import EVENT_STREAM, APIError, error_responses, vllm_call
+
+router = APIRouter(prefix="/v1", tags=["completions"])
+tokenizer = APIRouter(tags=["tokenizer"])
+
+_ERRORS = error_responses(400, 404, 503)
+
+
+def _version_name(adapters, requested: str | None) -> str:
+    try:
+        return adapters.resolve(requested).name
+    except UnknownModelError:
+        raise APIError(
+            404, f"The model `{requested}` does not exist.", param="model", code="model_not_found"
+        ) from None
+
+
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses={**_ERRORS, **EVENT_STREAM},
+    dependencies=[ReadyDep],
+)
+async def create_completion(body: CompletionRequest, chat_service: ChatServiceDep, adapters: AdaptersDep):
+    """OpenAI's (legacy) text completion on a model version."""
+    request = body.model_copy(
+        update={"model": _version_name(adapters, body.model), "request_id": new_request_hex()}
+    )
+    layer = chat_service.layer()
+    answer = await vllm_call(layer.completion.create_completion(request, None))
+    if isinstance(answer, CompletionResponse):
+        return JSONResponse(answer.model_dump())
+    return StreamingResponse(
+        answer,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _tokenizer_call(method: str, body: Any, request: Request, chat_service, adapters) -> JSONResponse:
+    body = body.model_copy(update={"model": _version_name(adapters, body.model)})
+    handler = getattr(chat_service.layer().tokenization, method)
+    return JSONResponse((await vllm_call(handler(body, request))).model_dump())
+
+
+@tokenizer.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS, dependencies=[ReadyDep])
+async def tokenize(
+    body: TokenizeRequest, request: Request, chat_service: ChatServiceDep, adapters: AdaptersDep
+):
+    """Token ids of a prompt or of chat messages (with the chat template), as vLLM's server gives."""
+    return await _tokenizer_call("create_tokenize", body, request, chat_service, adapters)
+
+
+@tokenizer.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS, dependencies=[ReadyDep])
+async def detokenize(
+    body: DetokenizeRequest, request: Request, chat_service: ChatServiceDep, adapters: AdaptersDep
+):
+    """The text of token ids."""
+    return await _tokenizer_call("create_detokenize", body, request, chat_service, adapters)
