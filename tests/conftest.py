@@ -23,6 +23,11 @@ from tests.utils.fake_engine import FakeEngine
 from tests.utils.processes import wait_for_ready
 
 REPO = Path(__file__).resolve().parents[1]
+# Every engine the suite starts (in process or as a server) runs in float32 and eager: greedy
+# output comparable with transformers' float32, the same on every CPU, and no compilation at
+# each start. The hardware defaults (bf16 where native, compiled) are the benchmark's to measure.
+os.environ.setdefault("LOOPCHAT_ENGINE__DTYPE", "float32")
+os.environ.setdefault("LOOPCHAT_ENGINE__ENFORCE_EAGER", "true")
 ADMIN_TOKEN = "test-admin-token-" + "x" * 16
 
 

@@ -102,7 +102,7 @@ def vllm_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory)
         "--model", str(base_model_path),
         "--served-model-name", "loopchat",
         "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-        "--dtype", "float32",
+        "--dtype", "float32", "--enforce-eager",  # the engine loopchat runs in the suite (conftest)
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with log.open("w") as out:

@@ -134,3 +134,22 @@ def test_placeholder_database_password_refused_in_production(password: str) -> N
 )
 def test_real_or_no_database_password_accepted_in_production(url: str) -> None:
     assert Settings(environment="production", database_url=url).db_url == url
+
+
+@pytest.mark.parametrize(
+    ("native_bf16", "on_gpu", "dtype"),
+    [(True, False, "bfloat16"), (False, False, "float32"), (False, True, "bfloat16")],
+)
+def test_engine_defaults_follow_the_hardware(monkeypatch, tmp_path: Path, native_bf16, on_gpu, dtype) -> None:
+    """`dtype: auto` is bfloat16 where the hardware computes it natively and float32 on CPUs that
+    would emulate it; `enforce_eager` unset leaves vLLM its compiled default."""
+    from serving.engine import vllm_engine
+
+    for name in ("LOOPCHAT_ENGINE__DTYPE", "LOOPCHAT_ENGINE__ENFORCE_EAGER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(vllm_engine, "cpu_has_native_bf16", lambda: native_bf16)
+    args = vllm_engine.build_engine_args(Settings(data_dir=tmp_path), on_gpu=on_gpu)
+    assert (args.dtype, args.enforce_eager) == (dtype, False)
+    pinned = Settings(data_dir=tmp_path, engine={"dtype": "float32", "enforce_eager": True})
+    args = vllm_engine.build_engine_args(pinned, on_gpu=on_gpu)
+    assert (args.dtype, args.enforce_eager) == ("float32", True)
