@@ -39,6 +39,7 @@ from serving.routes import admin, chat, completions, experiments, health, models
 from serving.routes import feedback as feedback_routes
 from serving.settings import Settings, get_settings
 from serving.watcher import ExperimentEvaluator, RegistryWatcher, bootstrap_registry
+from serving.weights import WeightStore
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,10 @@ def create_app(
             app.state.engine = VLLMEngine(settings)
         else:
             app.state.engine = engine
-        app.state.adapters = AdapterSet(app.state.engine)
+        weights = WeightStore(settings.data_dir / "weights", app.state.engine.model_path)
+        app.state.adapters = AdapterSet(
+            app.state.engine, weights=weights if settings.engine.merge_active else None
+        )
         writer, database = await _start_feedback(app, settings, registry, live)
         app.state.database = database
         serving_metrics.watch_engine(app.state.engine, live)

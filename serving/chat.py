@@ -293,6 +293,8 @@ class ChatService:
         """The response body (a dict) or, for `stream`, its server-sent events."""
         layer = self.layer()
         engine_request = self._engine_request(chat, request)
+        # Held until _finish: a weight switch (a promotion) waits for this answer to end.
+        await self._adapters.gate.enter()
         chat.trace = layer.client.watch(chat.completion_id, sampled_logprobs=self._sampled_logprobs)
         if self._metrics is not None:
             self._metrics.inflight.inc()
@@ -353,6 +355,7 @@ class ChatService:
         """Logs and meters every choice of a finished (or failed, or cancelled) request."""
         trace = chat.trace
         trace.finished_at = time.perf_counter()
+        self._adapters.gate.leave()
         layer = self.openai
         if layer is not None:
             layer.client.release(chat.completion_id)

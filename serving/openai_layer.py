@@ -213,6 +213,11 @@ class OpenAILayer:
     def unregister_adapter(self, name: str) -> None:
         self.models.lora_requests.pop(name, None)
 
+    def serve_weights_as(self, name: str) -> None:
+        """Answer requests naming `name` with the engine's own weights, no LoRA (the version
+        merged into them): vLLM's serving classes take its first base model name as that."""
+        self.models.base_model_paths[0].name = name
+
 
 async def build_openai_layer(engine_client: EngineClient, args: Namespace) -> OpenAILayer:
     """vLLM's `init_app_state` over a tapped `engine_client`: what its API server would serve."""

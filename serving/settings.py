@@ -70,6 +70,12 @@ class EngineSettings(BaseSettings):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
     max_num_seqs: int = Field(64, ge=1, description="Concurrent sequences the scheduler runs.")
+    merge_active: bool = Field(
+        True,
+        description="Fold the active version's adapter into the engine's weights (reloaded in place "
+        "at promotion), so it serves at the base model's speed; every other version is served as "
+        "its exact LoRA delta over them. False: the base weights stay, each version is its adapter.",
+    )
     max_loras: int = Field(4, ge=1, description="Adapters resident in one batch.")
     max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
     max_cpu_loras: int | None = Field(None, description="Adapters cached in host memory.")

@@ -127,7 +127,7 @@ class RegistryWatcher:
             self._metrics.adapter_load_seconds.observe(time.perf_counter() - started)
             logger.info("model version %s loaded (%s)", name, record.status)
         active = next((v.name for v in versions if v.status == "active" and v.name in self._loaded()), None)
-        adapters.set_active(active)
+        await adapters.set_active(active)
         for name in loaded - set(wanted):
             try:
                 await adapters.unload(name)

@@ -10,6 +10,7 @@ vLLM serves it as any other LoRA: the base model is the delta −ΔL, the merged
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -160,3 +161,61 @@ def merge_adapter(base_model: Path, adapter: Path, folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder
+
+
+def _fingerprint(adapter: Path) -> str:
+    """A short hash of an adapter's files: a name registered again with other weights gets
+    other merged weights and deltas."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with (adapter / name).open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+Version = tuple[str, Path | None]  # a model version's name and adapter folder (None: the base)
+
+
+class WeightStore:
+    """Merged models and LoRA deltas on disk under `root`, built once per version and weights:
+    merged/<version>-<hash>/ is a model folder, deltas/<live>-<hash>/<version>-<hash>/ an adapter."""
+
+    def __init__(self, root: Path, base_model: Path) -> None:
+        self.root = root
+        self.base_model = base_model
+
+    def _key(self, version: Version) -> str:
+        name, adapter = version
+        return f"{name}-{_fingerprint(adapter)}" if adapter is not None else f"{name}-base"
+
+    def merged(self, version: Version) -> Path:
+        """The model folder holding `version`'s weights (the base model's own for the base)."""
+        name, adapter = version
+        if adapter is None:
+            return self.base_model
+        folder = self.root / "merged" / self._key(version)
+        if not (folder / "config.json").is_file():
+            merge_adapter(self.base_model, adapter, folder)
+        return folder
+
+    def delta(self, version: Version, live: Version) -> Path | None:
+        """The adapter that serves `version` on `live`'s merged weights; None when it is `live`.
+        On the base weights a version's own adapter is its delta."""
+        if version[0] == live[0]:
+            return None
+        if live[1] is None:
+            return version[1]
+        folder = self.root / "deltas" / self._key(live) / self._key(version)
+        if not (folder / "adapter_config.json").is_file():
+            write_delta_adapter(version[1], live[1], folder, base_model=str(self.base_model))
+        return folder
+
+    def prune(self, live: Version) -> None:
+        """Removes the merged weights and deltas of every other live version (a merged model is
+        as large as the base)."""
+        keep = self._key(live)
+        for kind in ("merged", "deltas"):
+            for folder in (self.root / kind).glob("*"):
+                if folder.name != keep:
+                    shutil.rmtree(folder, ignore_errors=True)

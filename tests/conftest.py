@@ -33,7 +33,13 @@ ADMIN_TOKEN = "test-admin-token-" + "x" * 16
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path, admin_token=ADMIN_TOKEN, base_model=tmp_path / "fake-base")
+    # The fake engine's adapters hold no weights to merge: versions stay adapters over the base.
+    return Settings(
+        data_dir=tmp_path,
+        admin_token=ADMIN_TOKEN,
+        base_model=tmp_path / "fake-base",
+        engine={"merge_active": False},
+    )
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

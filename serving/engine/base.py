@@ -7,6 +7,7 @@ call (see serving/openai_layer.py); the rest is the engine's life cycle and its 
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -75,5 +76,13 @@ class ChatEngine(Protocol):
         """Load an adapter so later requests can use it; raises AdapterLoadError."""
 
     async def remove_adapter(self, adapter: AdapterSpec) -> None: ...
+
+    def paused(self) -> AbstractAsyncContextManager[None]:
+        """While inside: no new step starts; on entry the requests in flight have finished (new
+        ones wait, none fails) and the KV cache is cleared, so weights can change under it."""
+
+    async def reload_weights(self, model_dir: Path) -> None:
+        """Replace the model's weights in place with those of `model_dir` (same architecture);
+        call inside `paused()`. Loaded adapters must be loaded again afterwards."""
 
     def stats(self) -> EngineStats: ...

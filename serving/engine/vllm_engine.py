@@ -8,8 +8,10 @@ classes (serving/openai_layer.py), which render, tokenize and check them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -222,6 +224,22 @@ class VLLMEngine:
             await self._engine.remove_lora(adapter.engine_id)
         self._adapter_ids.discard(adapter.engine_id)
         self._stats.loaded_adapters = len(self._adapter_ids)
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        engine = self.client
+        # "wait": the requests in flight finish on the weights they started on; new ones queue.
+        await engine.pause_generation(mode="wait", clear_cache=True)
+        try:
+            yield
+        finally:
+            await engine.resume_generation()
+
+    async def reload_weights(self, model_dir: Path) -> None:
+        # vLLM's in-place reload (the RL weight-sync path): same tensors, new values, no restart.
+        await self.client.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        self._adapter_ids.clear()
+        self._stats.loaded_adapters = 0
 
     def stats(self) -> EngineStats:
         if self._engine is not None:

@@ -125,4 +125,5 @@ async def set_active(
         raise APIError(
             503, f"`{body.name}` is active but failed to load here: {watcher.failed.get(body.name)}"
         )
-    return {"active": adapters.active.name}
+    # `live`: the version whose weights the engine holds (the active one once merged).
+    return {"active": adapters.active.name, "live": adapters.live.name}

@@ -6,6 +6,7 @@ alias following the active one) and metered, but not written to the conversation
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +19,7 @@ from vllm.entrypoints.serve.tokenize.protocol import (
     TokenizeResponse,
 )
 
-from serving.adapters import UnknownModelError
+from serving.adapters import UnknownModelError, VersionGate
 from serving.chat import new_request_hex
 from serving.chat_protocol import CompletionRequest
 from serving.deps import AdaptersDep, ChatServiceDep, ReadyDep
@@ -39,6 +40,14 @@ def _version_name(adapters, requested: str | None) -> str:
         ) from None
 
 
+async def _released(events: AsyncIterator[str], gate: VersionGate) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        gate.leave()
+
+
 @router.post(
     "/completions",
     response_model=CompletionResponse,
@@ -51,11 +60,18 @@ async def create_completion(body: CompletionRequest, chat_service: ChatServiceDe
         update={"model": _version_name(adapters, body.model), "request_id": new_request_hex()}
     )
     layer = chat_service.layer()
-    answer = await vllm_call(layer.completion.create_completion(request, None))
+    # As for chats: a weight switch waits for this answer to end.
+    await adapters.gate.enter()
+    try:
+        answer = await vllm_call(layer.completion.create_completion(request, None))
+    except BaseException:
+        adapters.gate.leave()
+        raise
     if isinstance(answer, CompletionResponse):
+        adapters.gate.leave()
         return JSONResponse(answer.model_dump())
     return StreamingResponse(
-        answer,
+        _released(answer, adapters.gate),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -290,3 +291,75 @@ def test_ab_experiment_on_the_real_engine(
     after = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     assert after.headers["x-loopchat-model-version"] == "SmolLM2-135M-Instruct"
     assert "ab-v2" not in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+
+
+def test_promotion_merges_the_version_and_every_version_answers_as_peft(
+    live_server: LiveServer, base_model_path: Path, tmp_path: Path
+) -> None:
+    """Activating a version folds it into the engine's weights while streams are in flight (none
+    fails); then the promoted version, the base and another version each answer, greedily, what
+    transformers+peft answer for that version on the base weights."""
+    import concurrent.futures
+
+    from transformers import AutoTokenizer
+
+    url, admin = live_server.url, live_server.admin_headers
+    adapters = {
+        name: make_lora_adapter(base_model_path, tmp_path / name, rank=8, seed=seed, std=0.05)
+        for name, seed in (("merge-a", 3), ("merge-b", 4))
+    }
+    for name, path in adapters.items():
+        body = {"name": name, "path": str(path)}
+        assert httpx.post(f"{url}/admin/adapters", json=body, headers=admin, timeout=120).status_code == 201
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    prompt_ids = list(
+        tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
+    n = 16
+    expected = {
+        name: tokenizer.decode(
+            _hf_peft_greedy(base_model_path, path, prompt_ids, n), skip_special_tokens=True
+        )
+        for name, path in {"SmolLM2-135M-Instruct": None, **adapters}.items()
+    }
+
+    def answer(model: str, max_tokens: int = n) -> tuple[str, str]:
+        body = {"model": model, "messages": PROMPT, "temperature": 0, "max_tokens": max_tokens}
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.headers["x-loopchat-model-version"], response.json()["choices"][0]["message"][
+            "content"
+        ]
+
+    def stream(i: int) -> int:
+        body = {"messages": PROMPT, "max_tokens": 48, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}, "user": f"merge-user-{i}"}  # fmt: skip
+        tokens = 0
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+        return tokens
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            streams = [pool.submit(stream, i) for i in range(6)]
+            time.sleep(1.0)
+            switched = httpx.put(f"{url}/admin/active", json={"name": "merge-a"}, headers=admin, timeout=600)
+            assert switched.status_code == 200, switched.text
+            assert switched.json()["live"] == "merge-a"
+            assert [future.result() for future in streams] == [48] * 6
+        for name, text in expected.items():
+            assert answer(name) == (name, text)
+        assert answer("loopchat") == ("merge-a", expected["merge-a"])
+    finally:
+        back = httpx.put(
+            f"{url}/admin/active", json={"name": "SmolLM2-135M-Instruct"}, headers=admin, timeout=600
+        )
+        assert back.status_code == 200 and back.json()["live"] == "SmolLM2-135M-Instruct"
+        for name in adapters:
+            httpx.delete(f"{url}/admin/adapters/{name}", headers=admin, timeout=60)
+    assert answer("loopchat") == ("SmolLM2-135M-Instruct", expected["SmolLM2-135M-Instruct"])

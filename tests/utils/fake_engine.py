@@ -8,7 +8,9 @@ model's config and tokenizer, never its weights); only generation is fake: the a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,9 @@ class FakeEngine:
         self.aborted: list[str] = []
         # (request id, vLLM SamplingParams, adapter name or None) of every generation.
         self.requests: list[tuple[str, Any, str | None]] = []
+        # Weights reloaded in place (model folders, in order) and how often generation paused.
+        self.weights: list[Path] = []
+        self.pauses = 0
 
     @property
     def model_name(self) -> str:
@@ -232,6 +237,15 @@ class FakeEngine:
 
     async def remove_adapter(self, adapter: AdapterSpec) -> None:
         self.adapters.pop(adapter.engine_id, None)
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        self.pauses += 1
+        yield
+
+    async def reload_weights(self, model_dir: Path) -> None:
+        self.weights.append(model_dir)
+        self.adapters.clear()
 
     def stats(self) -> EngineStats:
         return EngineStats(
