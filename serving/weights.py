@@ -196,6 +196,7 @@ class WeightStore:
             return self.base_model
         folder = self.root / "merged" / self._key(version)
         if not (folder / "config.json").is_file():
+            read_lora(adapter)  # refuses what cannot be served as deltas before any work
             merge_adapter(self.base_model, adapter, folder)
         return folder
 
