@@ -47,8 +47,9 @@ Scenarios: concurrency levels on the base model (`--concurrency`, default 8 and 
 adapter loaded; then, unless --skip-lora, two random rank-8 LoRA adapters (made once under
 .data/bench/adapters/ with tests/utils/adapters.py) are loaded at runtime (vLLM: POST
 /v1/load_lora_adapter; loopchat: POST /admin/adapters) and, at `--lora-concurrency` (8), the
-base model alone (`lora-base`) and a mix where requests alternate between the two adapters
-(`lora-mix`) are measured.
+base model alone (`lora-base`), a mix where requests alternate between the two adapters
+(`lora-mix`), and the first adapter promoted (`promoted`: loopchat makes it the active version,
+which merges it into the engine's weights; vLLM's server serves it as its LoRA) are measured.
 
 Results: a table on the console, bench/results/serving.json and bench/results/serving.md,
 with the ratios loopchat/vLLM (throughput; target >= 0.97) and the TTFT p50 difference
@@ -452,6 +453,20 @@ def load_adapters(server: Server, adapters: dict[str, Path]) -> None:
                 )
 
 
+def activate(server: Server, version: str) -> None:
+    """loopchat: make `version` the active one (its weights merged), as a promotion does."""
+    with httpx.Client(base_url=server.base_url, timeout=600.0, trust_env=False) as client:
+        resp = client.put(
+            "/admin/active",
+            json={"name": version},
+            headers={"Authorization": f"Bearer {server.spec.admin_token}"},
+        )
+    if resp.status_code != 200:
+        raise ServerFailure(
+            f"{server.spec.name}: activating {version} failed: {resp.status_code} {resp.text[:500]}"
+        )
+
+
 def make_adapters() -> dict[str, Path]:
     """The benchmark's LoRA adapters, made from the base model once and reused."""
     if str(REPO) not in sys.path:
@@ -554,6 +569,8 @@ class Scenario:
     description: str
     # Runs after the benchmark's adapters are loaded (they are loaded before the first one).
     with_adapters: bool = False
+    # loopchat only: the version made active (promoted) before the scenario runs.
+    activate: str | None = None
 
 
 async def run_scenario(
@@ -737,6 +754,9 @@ def bench_server(
                 adapters_loaded = True
                 print(f"  loaded adapters: {', '.join(adapters)}")
                 result.prime_errors += prime_server(server, list(adapters), args.max_tokens)
+            if sc.activate and name == "loopchat":
+                activate(server, sc.activate)
+                print(f"  activated {sc.activate}")
             print(f"  {sc.name}: {sc.description}, concurrency {sc.concurrency} ...", flush=True)
             with CpuMeter(server) as meter:
                 summary = asyncio.run(
@@ -1139,10 +1159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapters = None
     if not args.skip_lora:
         adapters = make_adapters()
+        first = next(iter(adapters))
         c = args.lora_concurrency
         scenarios += [
             Scenario("lora-base", c, [MODEL_NAME], "base model, adapters loaded", True),
             Scenario("lora-mix", c, list(adapters), "alternating between two adapters", True),
+            # loopchat merges the active version into its weights; vLLM serves it as a LoRA.
+            Scenario("promoted", c, [first], f"{first} promoted (vLLM: as its LoRA)", True, activate=first),
         ]
     info = machine_info()  # before the servers start: the git state of the code they run
     servers = [args.only] if args.only else list(SERVERS)

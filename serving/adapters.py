@@ -10,12 +10,12 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.engine.base import AdapterLoadError, AdapterSpec, ChatEngine
+from serving.engine.base import AdapterLoadError, AdapterSpec, ChatEngine, EngineError
 from serving.settings import ALIAS_MODEL
 from serving.weights import Version, WeightStore
 
@@ -157,7 +157,7 @@ class AdapterSet:
             return
         try:
             await self._go_live(self._active)
-        except (AdapterLoadError, OSError, ValueError) as exc:
+        except (AdapterLoadError, OSError, ValueError, EngineError) as exc:
             # Building the merged weights failed before anything changed: the active version is
             # still served, as a LoRA over the live weights (slower, not wrong).
             self._unmergeable.add(self._active)
@@ -175,19 +175,26 @@ class AdapterSet:
         async with self._lock:
             live = self._version(name)
             started = time.perf_counter()
-            merged = await asyncio.to_thread(store.merged, live)
             others = [v for v in self.versions() if v.name != live[0]]
             deltas = {v.name: await asyncio.to_thread(store.delta, self._version_of(v), live) for v in others}
+            merged = await asyncio.to_thread(store.merged, live)
             built = time.perf_counter()
             served = {
                 version: AdapterSpec(version, path, next(self._ids))
                 for version, path in deltas.items()
                 if path is not None
             }
+            previous = await asyncio.to_thread(store.merged, self._version(self._live))
             async with self.gate.closed(), self._engine.paused():
-                await self._engine.reload_weights(merged)
-                for spec in served.values():
-                    await self._engine.add_adapter(spec)
+                try:
+                    await self._load_weights(merged, served.values())
+                except Exception:
+                    # Back to what served before, so the service goes on as it was.
+                    logger.exception(
+                        "switching the weights to %s failed; restoring %s", live[0], self.live.name
+                    )
+                    await self._load_weights(previous, self._served.values())
+                    raise
                 if self._layer is not None:
                     for old in self._served:
                         self._layer.unregister_adapter(old)
@@ -202,6 +209,11 @@ class AdapterSet:
                 time.perf_counter() - built,
             )
             await asyncio.to_thread(store.prune, live)
+
+    async def _load_weights(self, model_dir: Path, adapters: Iterable[AdapterSpec]) -> None:
+        await self._engine.reload_weights(model_dir)
+        for spec in adapters:
+            await self._engine.add_adapter(spec)
 
     @staticmethod
     def _version_of(version: ModelVersion) -> Version:

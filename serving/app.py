@@ -181,7 +181,9 @@ def create_app(
             app.state.engine = VLLMEngine(settings)
         else:
             app.state.engine = engine
-        weights = WeightStore(settings.data_dir / "weights", app.state.engine.model_path)
+        weights = WeightStore(
+            settings.data_dir / "weights", app.state.engine.model_path, max_rank=settings.engine.max_lora_rank
+        )
         app.state.adapters = AdapterSet(
             app.state.engine, weights=weights if settings.engine.merge_active else None
         )

@@ -174,6 +174,13 @@ def _fingerprint(adapter: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def _rank(adapter: Path | None) -> int:
+    if adapter is None:
+        return 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    return max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
 Version = tuple[str, Path | None]  # a model version's name and adapter folder (None: the base)
 
 
@@ -181,9 +188,11 @@ class WeightStore:
     """Merged models and LoRA deltas on disk under `root`, built once per version and weights:
     merged/<version>-<hash>/ is a model folder, deltas/<live>-<hash>/<version>-<hash>/ an adapter."""
 
-    def __init__(self, root: Path, base_model: Path) -> None:
+    def __init__(self, root: Path, base_model: Path, *, max_rank: int | None = None) -> None:
         self.root = root
         self.base_model = base_model
+        # The engine's max_lora_rank: a delta has the ranks of its two versions added up.
+        self.max_rank = max_rank
 
     def _key(self, version: Version) -> str:
         name, adapter = version
@@ -207,6 +216,13 @@ class WeightStore:
             return None
         if live[1] is None:
             return version[1]
+        if self.max_rank is not None:
+            rank = _rank(version[1]) + _rank(live[1])
+            if rank > self.max_rank:
+                raise AdapterLoadError(
+                    f"{version[0]} over {live[0]} needs a LoRA of rank {rank}, above the engine's "
+                    f"max_lora_rank {self.max_rank}"
+                )
         folder = self.root / "deltas" / self._key(live) / self._key(version)
         if not (folder / "adapter_config.json").is_file():
             write_delta_adapter(version[1], live[1], folder, base_model=str(self.base_model))

@@ -109,3 +109,20 @@ def test_a_switch_waits_for_answers_in_flight_and_holds_new_ones() -> None:
         return events
 
     assert asyncio.run(scenario()) == ["first answer ends", "switch", "late request"]
+
+
+def test_deltas_above_the_engine_rank_keep_the_version_an_adapter(
+    base_model_path: Path, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two rank-4 versions make rank-8 deltas: with max_lora_rank 6 nothing is merged."""
+
+    async def scenario() -> None:
+        engine = FakeEngine(model_name="base")
+        adapters = AdapterSet(engine, weights=WeightStore(tmp_path / "weights", base_model_path, max_rank=6))
+        for name, path in trained.items():
+            await adapters.load(name, path)
+        await adapters.set_active("a")
+        assert (adapters.active.name, adapters.live.name) == ("a", "base")
+        assert engine.pauses == 0 and _served(engine) == trained
+
+    asyncio.run(scenario())
