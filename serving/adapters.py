@@ -228,11 +228,11 @@ class AdapterSet:
             spec = AdapterSpec(name=name, path=path.expanduser().resolve(), engine_id=next(self._ids))
             version = ModelVersion(name, spec, parent or self._base.name, int(time.time()))
             served = spec
-            if self._weights is not None and self._live is not None:
+            if self._weights is not None:
+                # Over merged weights: the version's delta to them (over the base: its own adapter).
                 live = self._version_of(self.live)
                 delta = await asyncio.to_thread(self._weights.delta, self._version_of(version), live)
-                assert delta is not None
-                served = AdapterSpec(name, delta, spec.engine_id)
+                served = AdapterSpec(name, delta or spec.path, spec.engine_id)
             await self._engine.add_adapter(served)
             self._versions[name] = version
             self._served[name] = served

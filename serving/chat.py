@@ -23,7 +23,6 @@ from serving.chat_protocol import ChatCompletionRequest
 from serving.engine.base import EngineNotReady
 from serving.errors import APIError, bad_request, vllm_call, vllm_error
 from serving.openai_layer import ChoiceTrace, OpenAILayer, RequestTrace
-from serving.protocol import error_body
 from serving.settings import ALIAS_MODEL, LimitsSettings
 
 if TYPE_CHECKING:
@@ -433,8 +432,7 @@ def _error_text(error: BaseException | str | None) -> str | None:
 def _error_body(failure: dict[str, Any]) -> dict[str, Any]:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-    error = vllm_error(ErrorResponse.model_validate(failure))
-    return error_body(error.message, error.type, error.param, error.code)
+    return vllm_error(ErrorResponse.model_validate(failure)).body()
 
 
 def _collect_deltas(

@@ -53,12 +53,11 @@ class APIError(Exception):
         self.type = type_ or _TYPES.get(status, "server_error")
         self.headers = headers
 
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
     def response(self) -> JSONResponse:
-        return JSONResponse(
-            error_body(self.message, self.type, self.param, self.code),
-            status_code=self.status,
-            headers=self.headers,
-        )
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def vllm_error(response) -> APIError:

@@ -76,8 +76,8 @@ class RequestTrace:
 
 
 def _recorded_sampling(params: Any) -> dict[str, Any]:
-    """The sampling parameters worth keeping with a logged completion (non-default ones)."""
-    recorded = {
+    """The sampling parameters kept with a logged completion."""
+    return {
         "n": params.n,
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -95,7 +95,6 @@ def _recorded_sampling(params: Any) -> dict[str, Any]:
         "logprobs": params.logprobs,
         "structured_output": params.structured_outputs is not None,
     }
-    return recorded
 
 
 class TappedEngineClient:

@@ -10,6 +10,7 @@ vLLM serves it as any other LoRA: the base model is the delta −ΔL, the merged
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -163,11 +164,21 @@ def merge_adapter(base_model: Path, adapter: Path, folder: Path) -> Path:
     return folder
 
 
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def _fingerprint(adapter: Path) -> str:
     """A short hash of an adapter's files: a name registered again with other weights gets
-    other merged weights and deltas."""
+    other merged weights and deltas. Hashed once per file state (a promotion asks for the live
+    version's key once per other version)."""
+    stats = tuple((s.st_size, s.st_mtime_ns) for s in ((adapter / n).stat() for n in _ADAPTER_FILES))
+    return _hash_files(adapter, stats)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(adapter: Path, stats: tuple[tuple[int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
+    for name in _ADAPTER_FILES:
         with (adapter / name).open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)

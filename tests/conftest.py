@@ -20,6 +20,7 @@ from serving.app import create_app
 from serving.settings import Settings
 from tests.utils.db import postgres_schema_url, skip_or_fail_without_postgres
 from tests.utils.fake_engine import FakeEngine
+from tests.utils.model import data_dir, embedded_model_path
 from tests.utils.processes import wait_for_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,10 +107,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("LOOPCHAT_DATA_DIR", REPO / ".data")).resolve()
-
-
 @pytest.fixture
 def engine(database_url: str):
     """A migrated engine on each database of `database_url` (SQLite and PostgreSQL)."""
@@ -124,9 +121,7 @@ def engine(database_url: str):
 @pytest.fixture(scope="session")
 def base_model_path() -> Path:
     """The embedded model, converted once (`make test` has normally done it already)."""
-    from serving.embedded_model import prepare
-
-    return prepare(data_dir() / "models" / "SmolLM2-135M-Instruct")
+    return embedded_model_path()
 
 
 class LiveServer:

@@ -199,10 +199,6 @@ class VLLMEngine:
             engine, self._engine = self._engine, None
             await asyncio.to_thread(engine.shutdown)
 
-    async def abort(self, request_id: str) -> None:
-        if self._engine is not None:
-            await self._engine.abort(request_id)
-
     async def add_adapter(self, adapter: AdapterSpec) -> None:
         if self._engine is None:
             raise EngineNotReady("engine is not ready")

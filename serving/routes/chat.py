@@ -123,7 +123,7 @@ async def _sse(chat: PreparedChat, events: AsyncIterator[str]) -> AsyncIterator[
             yield event
     except APIError as exc:
         # Headers are already sent: report the error in-band, as OpenAI-compatible servers do.
-        yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
+        yield f"data: {json.dumps(exc.body())}\n\n"
         yield "data: [DONE]\n\n"
     except Exception:
         logger.exception("stream %s failed", chat.completion_id)

@@ -16,15 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.engine.base import AdapterLoadError, AdapterSpec, EngineNotReady, EngineStats
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def embedded_model_path() -> Path:
-    from serving.embedded_model import prepare
-
-    data_dir = Path(os.environ.get("LOOPCHAT_DATA_DIR", REPO / ".data")).resolve()
-    return prepare(data_dir / "models" / "SmolLM2-135M-Instruct")
+from tests.utils.model import embedded_model_path
 
 
 @lru_cache(maxsize=8)
