@@ -69,18 +69,27 @@ def experiment_outcomes(
                 outcome.requests, outcome.errors = int(requests), int(errors or 0)
                 outcome.mean_completion_tokens = None if tokens is None else float(tokens)
 
-        latencies: dict[str, list[float]] = {}
+        # Per variant: whole latencies, times to the first token, times per later token.
+        latencies: dict[str, tuple[list[float], list[float], list[float]]] = {}
         recent = connection.execute(
-            select(_c.variant, _c.latency_ms)
+            select(_c.variant, _c.latency_ms, _c.ttft_ms, _c.completion_tokens)
             .where(*where, _c.latency_ms.is_not(None), _c.error.is_(None))
             .order_by(_c.created_at.desc())
             .limit(LATENCY_SAMPLE)
         )
-        for variant, latency in recent:
-            latencies.setdefault(variant, []).append(float(latency))
-        for variant, values in latencies.items():
+        for variant, latency, ttft, tokens in recent:
+            whole, first, per_token = latencies.setdefault(variant, ([], [], []))
+            whole.append(float(latency))
+            if ttft is not None:
+                first.append(float(ttft))
+                if tokens and tokens > 1:
+                    per_token.append((float(latency) - float(ttft)) / (tokens - 1))
+        for variant, (whole, first, per_token) in latencies.items():
             if variant in outcomes:
-                outcomes[variant].latency_p95_ms = _percentile(values, 0.95)
+                outcome = outcomes[variant]
+                outcome.latency_p95_ms = _percentile(whole, 0.95)
+                outcome.ttft_p95_ms = _percentile(first, 0.95)
+                outcome.token_latency_p95_ms = _percentile(per_token, 0.95)
 
         rated = connection.execute(
             select(

@@ -181,6 +181,24 @@ class DecisionPolicy:
     guardrail_min_ratings: int = 30
 
 
+def _slower(candidate: VariantOutcome, control: VariantOutcome, ratio: float) -> str | None:
+    """Whether the candidate serves more than `ratio` times slower than the control, like for
+    like: both arms run in the same engine batches (an unmerged candidate's LoRA slows the
+    control's steps as much as its own), so its speed is compared on time to the first token and
+    time per later token, which a candidate that merely answers at greater length does not
+    change. Whole latencies are compared only where those are not logged."""
+    pairs = [
+        ("time to first token", candidate.ttft_p95_ms, control.ttft_p95_ms),
+        ("time per output token", candidate.token_latency_p95_ms, control.token_latency_p95_ms),
+    ]
+    if all(c is None or k is None for _, c, k in pairs):
+        pairs = [("latency", candidate.latency_p95_ms, control.latency_p95_ms)]
+    for what, ours, theirs in pairs:
+        if ours is not None and theirs and ours > ratio * theirs:
+            return f"{what} p95 {ours:.1f} ms > {ratio:g} x control's {theirs:.1f} ms"
+    return None
+
+
 @dataclass(slots=True)
 class VariantOutcome:
     """What one variant's traffic produced (see feedback.outcomes)."""
@@ -190,6 +208,10 @@ class VariantOutcome:
     requests: int = 0
     errors: int = 0
     latency_p95_ms: float | None = None
+    # The serving speed, apart from how long the answers are: time to the first token, and
+    # time per later token.
+    ttft_p95_ms: float | None = None
+    token_latency_p95_ms: float | None = None
     mean_completion_tokens: float | None = None
     positive: int = 0
     negative: int = 0
@@ -258,16 +280,10 @@ def guardrail_breach(
         if rate > policy.max_error_rate:
             counts = f"{candidate.errors}/{candidate.requests}"
             return f"error rate {rate:.3f} > {policy.max_error_rate:.3f} ({counts})"
-        if (
-            candidate.latency_p95_ms is not None
-            and control.latency_p95_ms
-            and control.requests >= policy.guardrail_min_requests
-            and candidate.latency_p95_ms > policy.max_latency_p95_ratio * control.latency_p95_ms
-        ):
-            return (
-                f"latency p95 {candidate.latency_p95_ms:.0f} ms > {policy.max_latency_p95_ratio:g} x "
-                f"control's {control.latency_p95_ms:.0f} ms"
-            )
+        if control.requests >= policy.guardrail_min_requests:
+            slower = _slower(candidate, control, policy.max_latency_p95_ratio)
+            if slower is not None:
+                return slower
     if candidate.judged >= policy.guardrail_min_ratings and control.judged >= policy.guardrail_min_ratings:
         # A spike of negative ratings: larger than the margin and beyond chance (the same
         # always-valid test, on the negative rate), so checking often does not cause false alarms.

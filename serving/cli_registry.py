@@ -308,8 +308,9 @@ def _print_status(status: dict) -> None:
     console.print(
         f"[bold]{experiment.name}[/bold] ({experiment.status}{stage}): {_weights_text(experiment.variants)}"
     )
-    columns = ("variant", "version", "requests", "errors", "p95 ms", "tokens", "judged", "positive", "stars",
-               "corrections", "win rate", "diff vs control", "always-valid p", "interval")  # fmt: skip
+    columns = ("variant", "version", "requests", "errors", "p95 ms", "TTFT p95", "ms/token p95", "tokens",
+               "judged", "positive", "stars", "corrections", "win rate", "diff vs control", "always-valid p",
+               "interval")  # fmt: skip
     table = Table(*columns)
     for variant, outcome in status["outcomes"].items():
         test = status["tests"].get(variant)
@@ -320,6 +321,8 @@ def _print_status(status: dict) -> None:
             str(outcome.requests),
             _pct(outcome.error_rate),
             "-" if outcome.latency_p95_ms is None else f"{outcome.latency_p95_ms:.0f}",
+            "-" if outcome.ttft_p95_ms is None else f"{outcome.ttft_p95_ms:.0f}",
+            "-" if outcome.token_latency_p95_ms is None else f"{outcome.token_latency_p95_ms:.1f}",
             "-" if outcome.mean_completion_tokens is None else f"{outcome.mean_completion_tokens:.1f}",
             str(outcome.judged),
             _pct(outcome.positive_rate),

@@ -82,6 +82,17 @@ def test_guardrails_roll_back_at_once() -> None:
     slow = VariantOutcome("b", "b", requests=25, errors=0, latency_p95_ms=1300)
     assert "latency p95" in decide(control, [slow], POLICY).reason
 
+    # Like for like: a candidate that answers at twice the length, at the control's speed, is
+    # not slower; one whose tokens come 1.6x slower is, whatever its answers' length.
+    speed = dict(requests=100, ttft_p95_ms=80, token_latency_p95_ms=20)
+    control_timed = VariantOutcome("control", "a", latency_p95_ms=800, **speed)
+    longer = VariantOutcome("b", "b", latency_p95_ms=1600, **{**speed, "requests": 25})
+    assert decide(control_timed, [longer], POLICY).action == "hold"
+    slow_tokens = VariantOutcome("b", "b", requests=25, ttft_p95_ms=80, token_latency_p95_ms=32)
+    assert "time per output token p95 32.0 ms" in decide(control_timed, [slow_tokens], POLICY).reason
+    slow_start = VariantOutcome("b", "b", requests=25, ttft_p95_ms=130, token_latency_p95_ms=20)
+    assert "time to first token" in decide(control_timed, [slow_start], POLICY).reason
+
     # A spike of thumbs-down (0.20 -> 0.75 negative) on 60 ratings: far below the 100 ratings the
     # promotion test waits for, but beyond chance already.
     control_rated = VariantOutcome("control", "a", requests=100, positive=48, negative=12)

@@ -93,7 +93,8 @@ def rows(url: str, sql: str, **params) -> list[dict]:
 
 
 def insert_outcomes(url: str, experiment: str, variant: str, version: str, *, n: int, positive: int = 0,
-                    rated: int = 0, errors: int = 0) -> None:  # fmt: skip
+                    rated: int = 0, errors: int = 0, latency_ms: float = 100.0, ttft_ms: float | None = None,
+                    tokens: int = 0) -> None:  # fmt: skip
     """Completions (and their ratings) as the conversation log would have written them."""
     engine = make_engine(url)
     now = datetime.now(UTC)
@@ -105,7 +106,8 @@ def insert_outcomes(url: str, experiment: str, variant: str, version: str, *, n:
             {
                 "id": cid, "conversation_id": conv, "user_key": f"u{i}", "created_at": now,
                 "model_version": version, "experiment": experiment, "variant": variant, "messages": USER,
-                "prompt_hash": "h", "response": "r", "sampling": {}, "latency_ms": 100.0,
+                "prompt_hash": "h", "response": "r", "sampling": {}, "latency_ms": latency_ms,
+                "ttft_ms": ttft_ms, "completion_tokens": tokens,
                 "error": "boom" if i < errors else None, "redacted": True,
             }
         )  # fmt: skip
