@@ -181,24 +181,6 @@ class DecisionPolicy:
     guardrail_min_ratings: int = 30
 
 
-def _slower(candidate: VariantOutcome, control: VariantOutcome, ratio: float) -> str | None:
-    """Whether the candidate serves more than `ratio` times slower than the control, like for
-    like: both arms run in the same engine batches (an unmerged candidate's LoRA slows the
-    control's steps as much as its own), so its speed is compared on time to the first token and
-    time per later token, which a candidate that merely answers at greater length does not
-    change. Whole latencies are compared only where those are not logged."""
-    pairs = [
-        ("time to first token", candidate.ttft_p95_ms, control.ttft_p95_ms),
-        ("time per output token", candidate.token_latency_p95_ms, control.token_latency_p95_ms),
-    ]
-    if all(c is None or k is None for _, c, k in pairs):
-        pairs = [("latency", candidate.latency_p95_ms, control.latency_p95_ms)]
-    for what, ours, theirs in pairs:
-        if ours is not None and theirs and ours > ratio * theirs:
-            return f"{what} p95 {ours:.1f} ms > {ratio:g} x control's {theirs:.1f} ms"
-    return None
-
-
 @dataclass(slots=True)
 class VariantOutcome:
     """What one variant's traffic produced (see feedback.outcomes)."""
@@ -269,6 +251,24 @@ class Decision:
     reason: str
     candidate: str | None = None
     numbers: dict = field(default_factory=dict)
+
+
+def _slower(candidate: VariantOutcome, control: VariantOutcome, ratio: float) -> str | None:
+    """Whether the candidate serves more than `ratio` times slower than the control, like for
+    like: both arms run in the same engine batches (an unmerged candidate's LoRA slows the
+    control's steps as much as its own), so its speed is compared on time to the first token and
+    time per later token, which a candidate that merely answers at greater length does not
+    change. Whole latencies are compared only where those are not logged."""
+    pairs = [
+        ("time to first token", candidate.ttft_p95_ms, control.ttft_p95_ms),
+        ("time per output token", candidate.token_latency_p95_ms, control.token_latency_p95_ms),
+    ]
+    if all(c is None or k is None for _, c, k in pairs):
+        pairs = [("latency", candidate.latency_p95_ms, control.latency_p95_ms)]
+    for what, ours, theirs in pairs:
+        if ours is not None and theirs and ours > ratio * theirs:
+            return f"{what} p95 {ours:.1f} ms > {ratio:g} x control's {theirs:.1f} ms"
+    return None
 
 
 def guardrail_breach(
