@@ -146,6 +146,10 @@ class ServingMetrics:
               lambda: engine.stats().kv_cache_usage)  # fmt: skip
         gauge("loopchat_engine_loaded_adapters", "LoRA adapters loaded in the engine", "livemax",
               lambda: engine.stats().loaded_adapters)  # fmt: skip
+        gauge("loopchat_engine_lora_slots", "LoRA slots the engine was built with (0: no LoRA)", "livemax",
+              lambda: engine.stats().lora_slots)  # fmt: skip
+        gauge("loopchat_engine_lora_max_rank", "Largest LoRA rank the engine was built for (0: no LoRA)",
+              "livemax", lambda: engine.stats().lora_max_rank)  # fmt: skip
 
 
 class HTTPMetricsMiddleware:

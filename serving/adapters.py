@@ -10,17 +10,30 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.engine.base import AdapterLoadError, AdapterSpec, ChatEngine, EngineError
+from serving.engine.base import (
+    AdapterLoadError,
+    AdapterSpec,
+    ChatEngine,
+    EngineError,
+    EngineNotReady,
+    LoRACapacity,
+)
+from serving.registry import read_adapter_config
 from serving.settings import ALIAS_MODEL
 from serving.weights import Version, WeightStore
 
 if TYPE_CHECKING:
+    from vllm.engine.protocol import EngineClient
+
     from serving.openai_layer import OpenAILayer
+
+    LayerBuilder = Callable[[EngineClient], Awaitable[OpenAILayer]]
 
 logger = logging.getLogger(__name__)
 
@@ -43,28 +56,59 @@ class ModelVersion:
 
 
 class VersionGate:
-    """Keeps weight switches and requests apart. A request holds a pass from before its model
-    version is resolved to the engine until its answer ends; a switch lets no new pass start and
-    waits for every one to end, so no answer mixes two weights."""
+    """Keeps weight and engine switches apart from the answers in flight.
+
+    A request holds a pass from before its model version meets the engine until its answer ends.
+    A weight switch (`closed`) lets no new pass start and waits for every one to end, so no answer
+    mixes two weights. An engine switch starts a new epoch (`mark`): passes taken before it are
+    served by the old engine, which is shut down once they are `drained`.
+    """
 
     def __init__(self) -> None:
-        self._passes = 0
+        self._epoch = 0
+        self._passes: Counter[int] = Counter()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._left = asyncio.Event()
         self._open = asyncio.Event()
         self._open.set()
 
-    async def enter(self) -> None:
+    @property
+    def busy(self) -> int:
+        return sum(self._passes.values())
+
+    async def enter(self) -> int:
+        """Takes a pass; returns its epoch (for `leave`)."""
         while not self._open.is_set():
             await self._open.wait()
-        self._passes += 1
+        self._passes[self._epoch] += 1
         self._idle.clear()
+        return self._epoch
 
-    def leave(self) -> None:
-        self._passes -= 1
-        if self._passes <= 0:
-            self._passes = 0
+    def leave(self, taken: int) -> None:
+        if self._passes[taken] <= 1:
+            del self._passes[taken]
+        else:
+            self._passes[taken] -= 1
+        if not self._passes:
             self._idle.set()
+        self._left.set()
+
+    def mark(self) -> int:
+        """Starts a new epoch; returns the last one of the passes before it."""
+        self._epoch += 1
+        return self._epoch - 1
+
+    async def drained(self, mark: int, timeout: float = 300.0) -> bool:
+        """Waits until no pass of epoch `mark` or before is held; False after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while any(epoch <= mark for epoch in self._passes):
+            self._left.clear()
+            try:
+                await asyncio.wait_for(self._left.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return False
+        return True
 
     @contextlib.asynccontextmanager
     async def closed(self, drain_s: float = 300.0) -> AsyncIterator[None]:
@@ -75,10 +119,23 @@ class VersionGate:
             except TimeoutError:
                 # A pass never handed back (a stream its client never read) must not stop a
                 # promotion; the engine's own pause still waits for what is really running.
-                logger.warning("%d requests still hold a pass after %.0f s; switching", self._passes, drain_s)
+                logger.warning("%d requests still hold a pass after %.0f s; switching", self.busy, drain_s)
             yield
         finally:
             self._open.set()
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request's hold on the engine that serves it: vLLM's OpenAI layer over that engine, and
+    the pass that keeps the engine (and its weights) until the answer ends."""
+
+    layer: OpenAILayer
+    epoch: int
+
+
+# After a failed LoRA switch, requests needing one are refused (503) this long before a retry.
+LORA_RETRY_S = 60.0
 
 
 class AdapterSet:
@@ -88,10 +145,23 @@ class AdapterSet:
     "live" version, served without LoRA) and every other version, the base included, is served
     as its exact LoRA delta over them. Without one the base weights stay live and each version
     is its own adapter.
+
+    Where the engine's LoRA room follows demand (`engine.lora_on_demand`), the engine holds only
+    the adapters in use: the running experiment's versions, an active version that is not live
+    and versions requested by name in the last `lora_idle_s`. A request for any other version
+    first has a replacement engine built with room for it (`fit_lora`); with none in use the
+    engine runs without LoRA, at the base model's speed.
     """
 
     def __init__(
-        self, engine: ChatEngine, *, active: str | None = None, weights: WeightStore | None = None
+        self,
+        engine: ChatEngine,
+        *,
+        active: str | None = None,
+        weights: WeightStore | None = None,
+        lora_idle_s: float = 600.0,
+        max_loras: int = 4,
+        max_lora_rank: int = 64,
     ) -> None:
         self._engine = engine
         self._versions: dict[str, ModelVersion] = {}
@@ -106,14 +176,40 @@ class AdapterSet:
         self._served: dict[str, AdapterSpec] = {}
         self._unmergeable: set[str | None] = set()
         self.gate = VersionGate()
+        self._build_layer: LayerBuilder | None = None
+        self._lora_idle_s = lora_idle_s
+        self._max_loras = max_loras
+        self._max_lora_rank = max_lora_rank
+        # On demand: the versions whose adapters the engine holds, the running experiment's
+        # versions, and when each version was last requested.
+        self._fitted: frozenset[str] = frozenset()
+        self._routed: frozenset[str] = frozenset()
+        self._requested: dict[str, float] = {}
+        self._fitting = asyncio.Lock()
+        self._fit_failed_at: float | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
-    def attach(self, layer: OpenAILayer) -> None:
-        """Make every loaded adapter (and every one loaded later) a model vLLM's serving layer
-        accepts by name."""
-        self._layer = layer
+    def attach(self, layer: OpenAILayer, rebuild: LayerBuilder | None = None) -> None:
+        """Serve through `layer`, vLLM's OpenAI layer over the engine: every loaded adapter (and
+        every one loaded later) becomes a model it accepts by name. `rebuild` makes the same
+        layer over another engine client (for an engine switch)."""
+        self._layer, self._build_layer = layer, rebuild
+        self._register(layer)
+
+    def _register(self, layer: OpenAILayer) -> None:
         layer.serve_weights_as(self.live.name)
         for spec in self._served.values():
             layer.register_adapter(spec)
+
+    @property
+    def layer(self) -> OpenAILayer:
+        if self._layer is None:
+            raise EngineNotReady("the model is still loading")
+        return self._layer
+
+    @property
+    def attached(self) -> bool:
+        return self._layer is not None
 
     @property
     def base(self) -> ModelVersion:
@@ -146,6 +242,135 @@ class AdapterSet:
         if requested is None or requested == ALIAS_MODEL:
             return self.active
         return self.get(requested)
+
+    async def admit(self, name: str) -> Admission:
+        """A pass for an answer of version `name` and the layer to serve it with; where the LoRA
+        room follows demand and the engine has no room for `name` yet, after building it (an
+        EngineError when that fails)."""
+        on_demand = self._engine.lora_on_demand
+        for _ in range(3):
+            if on_demand and name in self._served:
+                self._requested[name] = time.monotonic()
+                if name not in self._fitted:
+                    await self.fit_lora()
+            epoch = await self.gate.enter()
+            # Read right after the pass (no await between): the layer of the pass's epoch.
+            layer = self._layer
+            if layer is None:
+                self.gate.leave(epoch)
+                raise EngineNotReady("the model is still loading")
+            if not on_demand or name not in self._served or name in self._fitted:
+                return Admission(layer, epoch)
+            self.gate.leave(epoch)  # a promotion changed what the engine holds meanwhile
+        raise EngineError(f"the engine has no LoRA room for {name!r} now; retry later")
+
+    def release(self, admission: Admission) -> None:
+        self.gate.leave(admission.epoch)
+
+    def serve_routed(self, names: Iterable[str]) -> None:
+        """The versions the running experiment routes to (on demand: kept in the engine)."""
+        self._routed = frozenset(names)
+
+    def lora_wanted(self) -> frozenset[str]:
+        """The versions served as LoRA that the engine should hold now, at most `max_loras`: the
+        experiment's and the active one first, then the most recently requested."""
+        now = time.monotonic()
+        first = [n for n in sorted(self._routed | {self.active.name}) if n in self._served]
+        recent = sorted(
+            (n for n, at in self._requested.items() if now - at < self._lora_idle_s and n in self._served),
+            key=lambda n: -self._requested[n],
+        )
+        wanted = list(dict.fromkeys([*first, *recent]))
+        return frozenset(wanted[: self._max_loras])
+
+    async def fit_lora(self) -> None:
+        """On demand: give the engine room for the adapters wanted now, or none when none is
+        (a replacement engine is built and swapped in); a no-op where the room is fixed or
+        already fits. Raises EngineError when the switch fails (retried after LORA_RETRY_S)."""
+        if not self._engine.lora_on_demand or self._build_layer is None:
+            return
+        async with self._fitting:
+            wanted = self.lora_wanted()
+            has_lora = self._engine.lora is not None
+            if (wanted and wanted <= self._fitted) or (not wanted and not has_lora):
+                return
+            failed = self._fit_failed_at
+            if failed is not None and time.monotonic() - failed < LORA_RETRY_S:
+                raise EngineError(
+                    f"the engine could not be rebuilt with LoRA; tried again {LORA_RETRY_S:.0f} s after "
+                    "the failure"
+                )
+            try:
+                await self._switch_lora(wanted)
+            except Exception as exc:
+                self._fit_failed_at = time.monotonic()
+                logger.exception("could not switch the engine's LoRA room to %s", sorted(wanted))
+                raise EngineError(f"could not rebuild the engine for LoRA: {exc}") from exc
+            self._fit_failed_at = None
+
+    async def _switch_lora(self, wanted: frozenset[str]) -> None:
+        """Builds an engine with room for exactly `wanted` beside the serving one, gives it the
+        live weights and those adapters, then swaps it in between two requests; the old engine
+        finishes the answers it started and stops."""
+        build_layer = self._build_layer
+        assert build_layer is not None
+        async with self._lock:  # no promotion or adapter change while the new engine is prepared
+            specs = [self._served[name] for name in sorted(wanted) if name in self._served]
+            # On demand runs on CPUs only, where the spare slot LoRACapacity.fitting explains is due.
+            lora = LoRACapacity.fitting([_rank(s.path) for s in specs], spare_slot=True) if specs else None
+            started = time.perf_counter()
+            replacement = await self._engine.replacement(lora)
+            try:
+                if self._live is not None:
+                    assert self._weights is not None
+                    merged = await asyncio.to_thread(self._weights.merged, self._version(self._live))
+                    await replacement.reload_weights(merged)
+                for spec in specs:
+                    await replacement.add_adapter(spec)
+                layer = await build_layer(replacement.client)
+                self._register(layer)
+            except BaseException:
+                await replacement.shutdown()
+                raise
+            # The swap: no await from here, so every request takes either the old engine and
+            # layer (and an old epoch) or the new ones.
+            self._engine.take_over(replacement)
+            self._layer, self._fitted = layer, frozenset(s.name for s in specs)
+            self._retire(replacement, self.gate.mark())
+            logger.info(
+                "engine switched to %s for %s in %.1f s",
+                f"LoRA {lora.slots} x rank {lora.max_rank}" if lora else "no LoRA",
+                sorted(self._fitted) or "no adapter",
+                time.perf_counter() - started,
+            )
+
+    def _retire(self, old: ChatEngine, mark: int) -> None:
+        async def retire() -> None:
+            try:
+                if not await self.gate.drained(mark):
+                    logger.warning("answers on the previous engine still running after 300 s; stopping it")
+            finally:
+                await old.shutdown()
+
+        task = asyncio.create_task(retire(), name="engine-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def close(self) -> None:
+        """Stops the engines still finishing answers after a switch."""
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    def _engine_adapters(self, served: dict[str, AdapterSpec]) -> list[AdapterSpec]:
+        """Of these adapters, the ones the engine holds: all where its room is fixed; on demand
+        those in use that fit its room (the others get room when next requested)."""
+        if not self._engine.lora_on_demand:
+            return list(served.values())
+        lora = self._engine.lora
+        if lora is None:
+            return []
+        return [s for name, s in served.items() if name in self._fitted and _rank(s.path) <= lora.max_rank]
 
     async def set_active(self, name: str | None) -> None:
         """Make `name` (None or the base's name: the base) the version the alias serves; with a
@@ -185,15 +410,16 @@ class AdapterSet:
                 if path is not None
             }
             previous = await asyncio.to_thread(store.merged, self._version(self._live))
+            held = self._engine_adapters(served)
             async with self.gate.closed(), self._engine.paused():
                 try:
-                    await self._load_weights(merged, served.values())
+                    await self._load_weights(merged, held)
                 except Exception:
                     # Back to what served before, so the service goes on as it was.
                     logger.exception(
                         "switching the weights to %s failed; restoring %s", live[0], self.live.name
                     )
-                    await self._load_weights(previous, self._served.values())
+                    await self._load_weights(previous, self._engine_adapters(self._served))
                     raise
                 if self._layer is not None:
                     for old in self._served:
@@ -202,6 +428,8 @@ class AdapterSet:
                     for spec in served.values():
                         self._layer.register_adapter(spec)
                 self._served, self._live = served, name
+                if self._engine.lora_on_demand:
+                    self._fitted = frozenset(spec.name for spec in held)
             logger.info(
                 "%s is live (merged into the weights): built in %.1f s, switched in %.2f s",
                 live[0],
@@ -233,7 +461,11 @@ class AdapterSet:
                 live = self._version_of(self.live)
                 delta = await asyncio.to_thread(self._weights.delta, self._version_of(version), live)
                 served = AdapterSpec(name, delta or spec.path, spec.engine_id)
-            await self._engine.add_adapter(served)
+            if self._engine.lora_on_demand:
+                # Loaded into the engine when it is used; checked now as the engine would.
+                read_adapter_config(served.path, max_rank=self._max_lora_rank)
+            else:
+                await self._engine.add_adapter(served)
             self._versions[name] = version
             self._served[name] = served
             if self._layer is not None:
@@ -251,6 +483,13 @@ class AdapterSet:
                 )
             del self._versions[name]
             served = self._served.pop(name)
+            self._requested.pop(name, None)
             if self._layer is not None:
                 self._layer.unregister_adapter(name)
-            await self._engine.remove_adapter(served)
+            if not self._engine.lora_on_demand or name in self._fitted:
+                await self._engine.remove_adapter(served)
+                self._fitted -= {name}
+
+
+def _rank(adapter: Path) -> int:
+    return int(read_adapter_config(adapter, require_weights=False).get("r", 8))

@@ -53,8 +53,7 @@ async def _start_engine(app: FastAPI) -> None:
             state.settings, model_path=state.engine.model_path, served_name=state.engine.model_name
         )
         layer = await build_openai_layer(state.engine.client, args)
-        state.adapters.attach(layer)
-        state.chat.openai = state.openai = layer
+        state.adapters.attach(layer, rebuild=lambda client: build_openai_layer(client, args))
         await _start_registry(app)
     except Exception as exc:
         logger.exception("engine start failed")
@@ -185,7 +184,11 @@ def create_app(
             settings.data_dir / "weights", app.state.engine.model_path, max_rank=settings.engine.max_lora_rank
         )
         app.state.adapters = AdapterSet(
-            app.state.engine, weights=weights if settings.engine.merge_active else None
+            app.state.engine,
+            weights=weights if settings.engine.merge_active else None,
+            lora_idle_s=settings.engine.lora_idle_s,
+            max_loras=settings.engine.max_loras,
+            max_lora_rank=settings.engine.max_lora_rank,
         )
         writer, database = await _start_feedback(app, settings, registry, live)
         app.state.database = database
@@ -210,7 +213,6 @@ def create_app(
             app.state.experiments, app.state.watcher, ab_metrics, interval=settings.ab.evaluation_interval_s
         )
         app.state.registry_synced = False
-        app.state.openai = None
         app.state.chat = ChatService(
             app.state.adapters,
             metrics=serving_metrics,
@@ -228,6 +230,7 @@ def create_app(
             starting.cancel()
             for task in app.state.background:
                 task.cancel()
+            await app.state.adapters.close()
             await app.state.engine.shutdown()
             # After the engine: the last completions are logged before the writer drains.
             await asyncio.to_thread(writer.close)

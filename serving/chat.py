@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from monitoring.metrics import NO_VARIANT
-from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
+from serving.adapters import AdapterSet, Admission, ModelVersion, UnknownModelError
 from serving.chat_protocol import ChatCompletionRequest
-from serving.engine.base import EngineNotReady
 from serving.errors import APIError, bad_request, vllm_call, vllm_error
 from serving.openai_layer import ChoiceTrace, OpenAILayer, RequestTrace
 from serving.settings import ALIAS_MODEL, LimitsSettings
@@ -51,6 +50,8 @@ class PreparedChat:
     site: str | None = None
     # What the engine did, filled while it runs.
     trace: RequestTrace = field(default_factory=RequestTrace)
+    # The engine (and its layer) serving the answer, held until it ends.
+    admission: Admission | None = None
 
     def choice_id(self, index: int) -> str:
         """The completion id of choice `index`: the response's id for the first, `<id>.<index>`
@@ -158,16 +159,18 @@ class ChatService:
         self._metrics = metrics
         self._log = log
         self._sampled_logprobs = sampled_logprobs
-        self.openai: OpenAILayer | None = None
 
     @property
     def adapters(self) -> AdapterSet:
         return self._adapters
 
+    @property
+    def openai(self) -> OpenAILayer | None:
+        """vLLM's OpenAI layer over the serving engine (None while it starts)."""
+        return self._adapters.layer if self._adapters.attached else None
+
     def layer(self) -> OpenAILayer:
-        if self.openai is None:
-            raise EngineNotReady("the model is still loading")
-        return self.openai
+        return self._adapters.layer
 
     def comparison_models(self) -> tuple[str, str]:
         """Default side-by-side pair: the active version against the newest other one."""
@@ -273,14 +276,16 @@ class ChatService:
                 code="too_many_choices",
             )
 
-    def _engine_request(self, chat: PreparedChat, request: ChatCompletionRequest) -> ChatCompletionRequest:
+    def _engine_request(
+        self, chat: PreparedChat, request: ChatCompletionRequest, layer: OpenAILayer
+    ) -> ChatCompletionRequest:
         """The request as vLLM's serving layer gets it: the version's model name, loopchat's id
         and loopchat's default token limit."""
         request = request.model_copy()
         request.model = chat.version.name
         request.request_id = chat.completion_id.removeprefix("chatcmpl-")
         limit = self._limits.max_completion_tokens
-        if request.requested_max_tokens is None and limit < layer_context(self.openai):
+        if request.requested_max_tokens is None and limit < layer_context(layer):
             # vLLM's default is whatever the context leaves; loopchat's limit caps it (vLLM clamps
             # any value to what the context leaves, as it does a client's).
             request.max_completion_tokens = limit
@@ -290,10 +295,11 @@ class ChatService:
         self, chat: PreparedChat, request: ChatCompletionRequest
     ) -> dict[str, Any] | AsyncIterator[str]:
         """The response body (a dict) or, for `stream`, its server-sent events."""
-        layer = self.layer()
-        engine_request = self._engine_request(chat, request)
-        # Held until _finish: a weight switch (a promotion) waits for this answer to end.
-        await self._adapters.gate.enter()
+        # Held until _finish: a weight switch (a promotion) waits for this answer to end, an
+        # engine switch keeps the previous engine until then.
+        chat.admission = await self._adapters.admit(chat.version.name)
+        layer = chat.admission.layer
+        engine_request = self._engine_request(chat, request, layer)
         chat.trace = layer.client.watch(chat.completion_id, sampled_logprobs=self._sampled_logprobs)
         if self._metrics is not None:
             self._metrics.inflight.inc()
@@ -354,10 +360,9 @@ class ChatService:
         """Logs and meters every choice of a finished (or failed, or cancelled) request."""
         trace = chat.trace
         trace.finished_at = time.perf_counter()
-        self._adapters.gate.leave()
-        layer = self.openai
-        if layer is not None:
-            layer.client.release(chat.completion_id)
+        if chat.admission is not None:
+            self._adapters.release(chat.admission)
+            chat.admission.layer.client.release(chat.completion_id)
         reason = _error_text(error)
         if not trace.choices:
             trace.choice(0)

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.engine.base import EngineError
 from serving.protocol import ErrorResponse, error_body
 
 logger = logging.getLogger(__name__)
@@ -221,6 +222,12 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=getattr(exc, "headers", None),
         )
 
+    @app.exception_handler(EngineError)
+    async def _engine_unavailable(_: Request, exc: EngineError) -> JSONResponse:
+        # The engine cannot take the request now (still starting, or it could not be rebuilt with
+        # the LoRA room the version needs): worth retrying later.
+        return APIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "10"}).response()
+
     # vLLM's request models check some rules (tools with tool_choice, n with beam search...) in
     # validators that raise vLLM's own errors: answered as vLLM's server answers them.
     from vllm.exceptions import VLLMError
@@ -246,7 +253,7 @@ _COMMON_ERRORS = {
         "403": "The key may not call this route or origin",
         "413": "Request body too large",
         "429": "The key's rate or in-flight limit; see Retry-After",
-        "503": "Starting up, or storage unavailable; see Retry-After",
+        "503": "Starting up, storage or the engine unavailable; see Retry-After",
     },
     "/admin/": {
         "400": "Invalid request",

@@ -76,7 +76,25 @@ class EngineSettings(BaseSettings):
         "at promotion), so it serves at the base model's speed; every other version is served as "
         "its exact LoRA delta over them. False: the base weights stay, each version is its adapter.",
     )
-    max_loras: int = Field(4, ge=1, description="Adapters resident in one batch.")
+    lora: Literal["auto", "on_demand", "always"] = Field(
+        "auto",
+        description="on_demand: the engine runs without LoRA (at the base model's speed) while no "
+        "adapter is needed, and a replacement engine sized to the adapters in use (a canary, an "
+        "unmerged active version, versions requested by name) is built beside it when one is, then "
+        "swapped in without failing an answer; dropped again after lora_idle_s unused. Needs room "
+        "for two engines while switching (CPU). always: LoRA room of max_loras x max_lora_rank from "
+        "the start. auto: on_demand on CPUs, always on GPUs.",
+    )
+    lora_idle_s: float = Field(
+        600, gt=0, description="on_demand: seconds without a LoRA request before LoRA is dropped."
+    )
+    max_loras: int = Field(
+        4,
+        ge=1,
+        description="Most adapters resident in one batch (on_demand: an upper bound, the room is "
+        "sized to the adapters in use). On CPU every batch costs in proportion to the LoRA room "
+        "(slots x rank), used or not.",
+    )
     max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
     max_cpu_loras: int | None = Field(None, description="Adapters cached in host memory.")
     seed: int = 0

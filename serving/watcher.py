@@ -84,9 +84,16 @@ class RegistryWatcher:
             retry = bool(self.failed) and time.monotonic() >= self._retry_at
             unchanged = not force and not retry and self._seen is not None
             if unchanged and await asyncio.to_thread(self._read_revision) == self._seen:
+                await self._fit_lora()  # LoRA room no longer used is given back
                 return False
             revision, versions, experiment = await asyncio.to_thread(self._read)
             await self._reconcile(versions)
+            variants = experiment.variants if experiment is not None else ()
+            self._adapters.serve_routed(
+                v["version"] for v in variants if not v.get("disabled") and v["version"] in self._loaded()
+            )
+            # Before routing: the experiment's traffic starts once the engine has room for it.
+            await self._fit_lora()
             self._route(versions, experiment)
             self._seen = revision
             self._retry_at = time.monotonic() + self.retry_failed_s
@@ -138,6 +145,12 @@ class RegistryWatcher:
             if name not in wanted:
                 self.failed.pop(name)
                 self._metrics.adapter_failed.labels(name).set(0)
+
+    async def _fit_lora(self) -> None:
+        try:
+            await self._adapters.fit_lora()
+        except EngineError as exc:
+            logger.error("the engine's LoRA room could not follow the registry: %s", exc)
 
     def _loaded(self) -> set[str]:
         return {v.name for v in self._adapters.versions()}

@@ -37,6 +37,29 @@ class AdapterSpec:
     engine_id: int
 
 
+# The ranks vLLM accepts for `max_lora_rank`.
+LORA_RANK_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True, slots=True)
+class LoRACapacity:
+    """An engine's LoRA room: `slots` adapters resident at once (vLLM's max_loras), of rank up
+    to `max_rank`. vLLM's CPU LoRA path costs in proportion to slots x max_rank on every batch,
+    so the room is sized to what is served."""
+
+    slots: int
+    max_rank: int
+
+    @classmethod
+    def fitting(cls, ranks: list[int], *, spare_slot: bool) -> LoRACapacity:
+        """Room for adapters of these ranks. `spare_slot`: one slot more than adapters, left
+        empty; vLLM's CPU kernels read the last slot for tokens without an adapter (index -1),
+        so that slot must never hold one."""
+        largest = max(ranks, default=1)
+        rank = next((slot for slot in LORA_RANK_SLOTS if slot >= largest), largest)
+        return cls(slots=max(1, len(ranks)) + int(spare_slot), max_rank=rank)
+
+
 @dataclass(slots=True)
 class EngineStats:
     running_requests: int = 0
@@ -45,6 +68,9 @@ class EngineStats:
     unfinished_requests: int = 0
     kv_cache_usage: float = 0.0
     loaded_adapters: int = 0
+    # The engine's LoRA room (0: built without LoRA).
+    lora_slots: int = 0
+    lora_max_rank: int = 0
 
 
 class ChatEngine(Protocol):
@@ -62,6 +88,15 @@ class ChatEngine(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    @property
+    def lora(self) -> LoRACapacity | None:
+        """The LoRA room the engine was built with; None: built without LoRA (no adapter can be
+        served, none costs anything)."""
+
+    @property
+    def lora_on_demand(self) -> bool:
+        """Whether the LoRA room follows what is served (`replacement`), or is fixed."""
 
     @property
     def client(self) -> EngineClient:
@@ -84,5 +119,13 @@ class ChatEngine(Protocol):
     async def reload_weights(self, model_dir: Path) -> None:
         """Replace the model's weights in place with those of `model_dir` (same architecture);
         call inside `paused()`. Loaded adapters must be loaded again afterwards."""
+
+    async def replacement(self, lora: LoRACapacity | None) -> ChatEngine:
+        """A second engine of the same model with this LoRA room, started beside this one
+        (at low CPU priority while it builds) and ready; nothing is served by it yet."""
+
+    def take_over(self, replacement: ChatEngine) -> None:
+        """This engine becomes `replacement`'s (its client, room and adapters) and `replacement`
+        keeps this one's previous engine, to shut down once its answers are done."""
 
     def stats(self) -> EngineStats: ...

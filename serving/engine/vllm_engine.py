@@ -1,4 +1,4 @@
-"""ChatEngine on vLLM's async engine (AsyncLLM), in the server process, with LoRA enabled.
+"""ChatEngine on vLLM's async engine (AsyncLLM), in the server process.
 
 vLLM runs its engine core in a child process (spawned), so whatever program starts it needs an
 `if __name__ == "__main__":` guard. Requests reach the AsyncLLM through vLLM's own OpenAI serving
@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from serving.engine.base import (
     EngineError,
     EngineNotReady,
     EngineStats,
+    LoRACapacity,
 )
 from serving.settings import Settings
 
@@ -68,8 +70,25 @@ def configure_vllm_environment(settings: Settings, *, on_gpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
-def build_engine_args(settings: Settings, *, on_gpu: bool) -> Any:
-    """vLLM AsyncEngineArgs for these settings, with CPU or GPU defaults."""
+def initial_lora(settings: Settings, *, on_gpu: bool) -> LoRACapacity | None:
+    """The LoRA room an engine starts with: none where it follows demand, else the configured one
+    (on CPU with the spare slot LoRACapacity.fitting explains)."""
+    if lora_on_demand(settings, on_gpu=on_gpu):
+        return None
+    eng = settings.engine
+    return LoRACapacity(eng.max_loras + int(not on_gpu), eng.max_lora_rank)
+
+
+def lora_on_demand(settings: Settings, *, on_gpu: bool) -> bool:
+    mode = settings.engine.lora
+    if mode == "on_demand" and on_gpu:
+        # A second engine beside the first does not fit where each takes most of the GPU's memory.
+        raise EngineError("engine.lora on_demand needs room for two engines; on GPUs use lora: always")
+    return mode == "on_demand" or (mode == "auto" and not on_gpu)
+
+
+def build_engine_args(settings: Settings, *, on_gpu: bool, lora: LoRACapacity | None) -> Any:
+    """vLLM AsyncEngineArgs for these settings, with CPU or GPU defaults and this LoRA room."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     eng = settings.engine
@@ -84,15 +103,18 @@ def build_engine_args(settings: Settings, *, on_gpu: bool) -> Any:
         max_model_len=eng.max_model_len,
         max_num_seqs=eng.max_num_seqs,
         seed=eng.seed,
-        enable_lora=True,
-        max_loras=eng.max_loras,
-        max_lora_rank=eng.max_lora_rank,
-        max_cpu_loras=eng.max_cpu_loras,
         tensor_parallel_size=eng.tensor_parallel_size,
         # Our own stat logger collects what monitoring needs; vLLM's periodic log line is noise.
         disable_log_stats=True,
         enable_log_requests=False,
     )
+    if lora is not None:
+        kwargs.update(
+            enable_lora=True,
+            max_loras=lora.slots,
+            max_lora_rank=lora.max_rank,
+            max_cpu_loras=max(eng.max_cpu_loras or 0, lora.slots),
+        )
     if on_gpu:
         kwargs["gpu_memory_utilization"] = eng.gpu_memory_utilization
     return AsyncEngineArgs(**kwargs)
@@ -120,9 +142,11 @@ def _make_stat_logger_factory(sink: EngineStats) -> Any:
 
 
 class VLLMEngine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, lora: LoRACapacity | None | str = "initial") -> None:
         self._settings = settings
         self._on_gpu = cuda_available()
+        self._lora_on_demand = lora_on_demand(settings, on_gpu=self._on_gpu)
+        self._lora = initial_lora(settings, on_gpu=self._on_gpu) if lora == "initial" else lora
         self._engine: AsyncLLM | None = None
         self._stats = EngineStats()
         self._max_model_len = settings.engine.max_model_len or 0
@@ -155,7 +179,15 @@ class VLLMEngine:
     def on_gpu(self) -> bool:
         return self._on_gpu
 
-    async def start(self) -> None:
+    @property
+    def lora(self) -> LoRACapacity | None:
+        return self._lora
+
+    @property
+    def lora_on_demand(self) -> bool:
+        return self._lora_on_demand
+
+    async def start(self, *, building_nice: int = 0) -> None:
         configure_vllm_environment(self._settings, on_gpu=self._on_gpu)
         if not (self._settings.model_path / "config.json").is_file():
             raise EngineError(
@@ -163,24 +195,26 @@ class VLLMEngine:
                 "or set LOOPCHAT_BASE_MODEL to a Hugging Face model folder"
             )
         # Building the engine blocks for the model load; keep the event loop (health probes) free.
-        self._engine = await asyncio.to_thread(self._build)
+        self._engine = await _in_thread(self._build, nice=building_nice)
+        self._stats.lora_slots = self._lora.slots if self._lora else 0
+        self._stats.lora_max_rank = self._lora.max_rank if self._lora else 0
         self._max_model_len = self._engine.model_config.max_model_len
-        nice = self._settings.engine.engine_cpu_nice
-        lower_engine_priority(10 if nice is None and not self._on_gpu else nice or 0)
+        lower_engine_priority(self._nice)
         if self._settings.engine.warmup:
             await self._warmup()
         self._ready = True
         logger.info(
-            "engine ready: %s (%s, max_model_len=%d)",
+            "engine ready: %s (%s, max_model_len=%d, %s)",
             self.model_name,
             "cuda" if self._on_gpu else "cpu",
             self._max_model_len,
+            f"LoRA {self._lora.slots} x rank {self._lora.max_rank}" if self._lora else "no LoRA",
         )
 
     def _build(self) -> AsyncLLM:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = build_engine_args(self._settings, on_gpu=self._on_gpu)
+        args = build_engine_args(self._settings, on_gpu=self._on_gpu, lora=self._lora)
         return AsyncLLM.from_engine_args(args, stat_loggers=[_make_stat_logger_factory(self._stats)])
 
     async def _warmup(self) -> None:
@@ -206,7 +240,9 @@ class VLLMEngine:
 
         from serving.registry import read_adapter_config
 
-        read_adapter_config(adapter.path, max_rank=self._settings.engine.max_lora_rank)
+        if self._lora is None:
+            raise AdapterLoadError(f"adapter {adapter.name!r}: this engine was built without LoRA")
+        read_adapter_config(adapter.path, max_rank=self._lora.max_rank)
         request = LoRARequest(adapter.name, adapter.engine_id, str(adapter.path))
         try:
             await self._engine.add_lora(request)
@@ -237,10 +273,63 @@ class VLLMEngine:
         self._adapter_ids.clear()
         self._stats.loaded_adapters = 0
 
+    @property
+    def _nice(self) -> int:
+        nice = self._settings.engine.engine_cpu_nice
+        return 10 if nice is None and not self._on_gpu else nice or 0
+
+    async def replacement(self, lora: LoRACapacity | None) -> VLLMEngine:
+        sibling = VLLMEngine(self._settings, lora=lora)
+        try:
+            # Built at the lowest priority, the serving engine keeps the cores while it compiles
+            # (where engines run niced at all: raising the priority back may need privileges).
+            await sibling.start(building_nice=19 if self._nice > 0 else 0)
+        except BaseException:
+            await sibling.shutdown()
+            raise
+        return sibling
+
+    def take_over(self, replacement: VLLMEngine) -> None:  # type: ignore[override]
+        # Swapped, not copied: the stat logger of each AsyncLLM writes into the stats it came with.
+        for name in ("_engine", "_lora", "_stats", "_adapter_ids", "_max_model_len"):
+            mine, theirs = getattr(self, name), getattr(replacement, name)
+            setattr(self, name, theirs)
+            setattr(replacement, name, mine)
+
     def stats(self) -> EngineStats:
         if self._engine is not None:
             self._stats.unfinished_requests = self._engine.get_num_unfinished_requests()
         return self._stats
+
+
+def _in_thread(build: Any, *, nice: int) -> Any:
+    """`build()` in a thread of its own at this nice value: the engine processes it spawns inherit
+    it (Linux keeps a nice value per thread, and children start with their parent thread's)."""
+    if nice <= 0:
+        return asyncio.to_thread(build)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def run() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        try:
+            result = build()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, done, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, result, None)
+
+    threading.Thread(target=run, name="engine-build", daemon=True).start()
+    return done
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def lower_engine_priority(nice: int) -> None:

@@ -19,7 +19,7 @@ from vllm.entrypoints.serve.tokenize.protocol import (
     TokenizeResponse,
 )
 
-from serving.adapters import UnknownModelError, VersionGate
+from serving.adapters import AdapterSet, Admission, UnknownModelError
 from serving.chat import new_request_hex
 from serving.chat_protocol import CompletionRequest
 from serving.deps import AdaptersDep, ChatServiceDep, ReadyDep
@@ -40,12 +40,14 @@ def _version_name(adapters, requested: str | None) -> str:
         ) from None
 
 
-async def _released(events: AsyncIterator[str], gate: VersionGate) -> AsyncIterator[str]:
+async def _released(
+    events: AsyncIterator[str], adapters: AdapterSet, admission: Admission
+) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield event
     finally:
-        gate.leave()
+        adapters.release(admission)
 
 
 @router.post(
@@ -59,19 +61,19 @@ async def create_completion(body: CompletionRequest, chat_service: ChatServiceDe
     request = body.model_copy(
         update={"model": _version_name(adapters, body.model), "request_id": new_request_hex()}
     )
-    layer = chat_service.layer()
-    # As for chats: a weight switch waits for this answer to end.
-    await adapters.gate.enter()
+    # As for chats: a weight switch waits for this answer to end, an engine switch keeps the
+    # previous engine until then.
+    admission = await adapters.admit(request.model)
     try:
-        answer = await vllm_call(layer.completion.create_completion(request, None))
+        answer = await vllm_call(admission.layer.completion.create_completion(request, None))
     except BaseException:
-        adapters.gate.leave()
+        adapters.release(admission)
         raise
     if isinstance(answer, CompletionResponse):
-        adapters.gate.leave()
+        adapters.release(admission)
         return JSONResponse(answer.model_dump())
     return StreamingResponse(
-        _released(answer, adapters.gate),
+        _released(answer, adapters, admission),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

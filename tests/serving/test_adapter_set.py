@@ -88,23 +88,23 @@ def test_a_version_that_cannot_be_merged_stays_served_as_its_adapter(
 def test_a_switch_waits_for_answers_in_flight_and_holds_new_ones() -> None:
     async def scenario() -> list[str]:
         gate, events = VersionGate(), []
-        await gate.enter()
+        first = await gate.enter()
 
         async def switch() -> None:
             async with gate.closed():
                 events.append("switch")
 
         async def late_request() -> None:
-            await gate.enter()
+            taken = await gate.enter()
             events.append("late request")
-            gate.leave()
+            gate.leave(taken)
 
         switching = asyncio.create_task(switch())
         await asyncio.sleep(0.05)
         late = asyncio.create_task(late_request())
         await asyncio.sleep(0.05)
         events.append("first answer ends")
-        gate.leave()
+        gate.leave(first)
         await asyncio.gather(switching, late)
         return events
 

@@ -25,8 +25,7 @@ async def service_on(engine: FakeEngine, log: Log, tmp_path) -> ChatService:
     adapters = AdapterSet(engine)
     service = ChatService(adapters, log=log)
     args = serve_arguments(Settings(data_dir=tmp_path), model_path=engine.model_path, served_name="fake-base")
-    service.openai = await build_openai_layer(engine.client, args)
-    adapters.attach(service.openai)
+    adapters.attach(await build_openai_layer(engine.client, args))
     return service
 
 

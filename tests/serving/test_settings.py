@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from serving.engine.base import EngineError, LoRACapacity
 from serving.settings import Settings
 
 
@@ -148,8 +149,59 @@ def test_engine_defaults_follow_the_hardware(monkeypatch, tmp_path: Path, native
     for name in ("LOOPCHAT_ENGINE__DTYPE", "LOOPCHAT_ENGINE__ENFORCE_EAGER"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(vllm_engine, "cpu_has_native_bf16", lambda: native_bf16)
-    args = vllm_engine.build_engine_args(Settings(data_dir=tmp_path), on_gpu=on_gpu)
+    args = vllm_engine.build_engine_args(Settings(data_dir=tmp_path), on_gpu=on_gpu, lora=None)
     assert (args.dtype, args.enforce_eager) == (dtype, False)
     pinned = Settings(data_dir=tmp_path, engine={"dtype": "float32", "enforce_eager": True})
-    args = vllm_engine.build_engine_args(pinned, on_gpu=on_gpu)
+    args = vllm_engine.build_engine_args(pinned, on_gpu=on_gpu, lora=None)
     assert (args.dtype, args.enforce_eager) == ("float32", True)
+
+
+@pytest.mark.parametrize(
+    ("mode", "on_gpu", "on_demand", "initial"),
+    [
+        # CPUs: the engine starts without LoRA; GPUs (CUDA graphs, bf16): the configured room.
+        ("auto", False, True, None),
+        ("auto", True, False, LoRACapacity(4, 64)),
+        # On CPU the fixed room keeps a spare slot (vLLM's CPU kernels read the last one for
+        # tokens without an adapter).
+        ("always", False, False, LoRACapacity(5, 64)),
+        ("on_demand", False, True, None),
+    ],
+)
+def test_lora_room_follows_the_mode_and_the_hardware(
+    tmp_path: Path, mode, on_gpu, on_demand, initial
+) -> None:
+    from serving.engine import vllm_engine
+
+    settings = Settings(data_dir=tmp_path, engine={"lora": mode})
+    assert vllm_engine.lora_on_demand(settings, on_gpu=on_gpu) is on_demand
+    lora = vllm_engine.initial_lora(settings, on_gpu=on_gpu)
+    assert lora == initial
+    args = vllm_engine.build_engine_args(settings, on_gpu=on_gpu, lora=lora)
+    assert args.enable_lora is (lora is not None)
+    if lora is not None:
+        room = (args.max_loras, args.max_lora_rank, args.max_cpu_loras)
+        assert room == (lora.slots, lora.max_rank, lora.slots)
+    if on_gpu:
+        assert args.gpu_memory_utilization == settings.engine.gpu_memory_utilization
+
+
+def test_on_demand_lora_is_refused_on_gpus(tmp_path: Path) -> None:
+    from serving.engine import vllm_engine
+
+    with pytest.raises(EngineError, match="room for two engines"):
+        vllm_engine.lora_on_demand(Settings(data_dir=tmp_path, engine={"lora": "on_demand"}), on_gpu=True)
+
+
+@pytest.mark.parametrize(
+    ("ranks", "capacity"),
+    [
+        ([4], LoRACapacity(2, 8)),
+        ([8, 16], LoRACapacity(3, 16)),
+        ([65], LoRACapacity(2, 128)),
+        ([], LoRACapacity(2, 1)),
+    ],
+)
+def test_lora_capacity_fits_the_adapters_with_a_spare_slot(ranks, capacity) -> None:
+    assert LoRACapacity.fitting(ranks, spare_slot=True) == capacity
+    assert LoRACapacity.fitting(ranks, spare_slot=False).slots == capacity.slots - 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -127,6 +128,12 @@ def _hf_peft_greedy(base_model_path: Path, adapter: Path | None, prompt_ids: lis
     return out[0, len(prompt_ids) :].tolist()
 
 
+def _lora_slots(server: LiveServer) -> int:
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    line = next(line for line in metrics.splitlines() if line.startswith("loopchat_engine_lora_slots"))
+    return int(float(line.split()[-1]))
+
+
 def test_lora_adapter_load_changes_output_and_matches_peft(
     live_server: LiveServer, client: openai.OpenAI, lora_adapter: Path, base_model_path: Path
 ) -> None:
@@ -145,9 +152,34 @@ def test_lora_adapter_load_changes_output_and_matches_peft(
     n = 24
     kwargs = dict(messages=PROMPT, temperature=0, max_tokens=n)
     base = client.chat.completions.create(model="SmolLM2-135M-Instruct", **kwargs)
+    # Registered, not yet used: the engine still runs without LoRA.
+    assert _lora_slots(live_server) == 0
+    # A long answer of the base model runs while the first request for the adapter has an engine
+    # with LoRA built beside this one and swapped in: it ends on the engine it started on.
+    long_answer: list[openai.types.chat.ChatCompletion] = []
+    streaming = threading.Thread(
+        target=lambda: long_answer.append(
+            client.chat.completions.create(
+                model="SmolLM2-135M-Instruct",
+                messages=PROMPT,
+                temperature=0,
+                max_tokens=400,
+                extra_body={"ignore_eos": True},
+            )
+        )
+    )
+    streaming.start()
+    time.sleep(0.5)
     adapted = client.chat.completions.create(model="lora-v1", **kwargs)
+    streaming.join(timeout=300)
+    assert long_answer and long_answer[0].usage.completion_tokens == 400
+    assert long_answer[0].choices[0].finish_reason == "length"
+    assert _lora_slots(live_server) == 2  # the adapter and the spare slot
     base_text, lora_text = base.choices[0].message.content, adapted.choices[0].message.content
     assert lora_text != base_text
+    # The base model answers the same on the new engine.
+    again_base = client.chat.completions.create(model="SmolLM2-135M-Instruct", **kwargs)
+    assert again_base.choices[0].message.content == base_text
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
     prompt_ids = tokenizer.apply_chat_template(

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from serving.engine.base import AdapterLoadError, AdapterSpec, EngineNotReady, EngineStats
+from serving.engine.base import AdapterLoadError, AdapterSpec, EngineNotReady, EngineStats, LoRACapacity
 from tests.utils.model import embedded_model_path
 
 
@@ -87,6 +87,8 @@ class FakeEngine:
         token_delay: float = 0.0,
         start_delay: float = 0.0,
         answer: str | None = None,
+        lora_on_demand: bool = False,
+        build_delay: float = 0.0,
     ) -> None:
         self._model_name = model_name
         self._max_model_len = max_model_len
@@ -110,6 +112,49 @@ class FakeEngine:
         # Weights reloaded in place (model folders, in order) and how often generation paused.
         self.weights: list[Path] = []
         self.pauses = 0
+        # LoRA room: fixed (4 x 64), or following demand (none to start with): `replacement`
+        # builds a sibling after `build_delay` s, unless `fail_builds` is set.
+        self._lora_on_demand = lora_on_demand
+        self._lora: LoRACapacity | None = None if lora_on_demand else LoRACapacity(4, 64)
+        self.build_delay = build_delay
+        self.fail_builds: Exception | None = None
+        self.builds: list[LoRACapacity | None] = []
+        self.retired: list[FakeEngine] = []
+
+    @property
+    def lora(self) -> LoRACapacity | None:
+        return self._lora
+
+    @property
+    def lora_on_demand(self) -> bool:
+        return self._lora_on_demand
+
+    async def replacement(self, lora: LoRACapacity | None) -> FakeEngine:
+        self.builds.append(lora)
+        await asyncio.sleep(self.build_delay)
+        if self.fail_builds is not None:
+            raise self.fail_builds
+        sibling = FakeEngine(
+            model_name=self._model_name,
+            max_model_len=self._max_model_len,
+            token_delay=self.token_delay,
+            answer=self.answer,
+            lora_on_demand=self._lora_on_demand,
+        )
+        sibling._lora = lora
+        sibling.failing_adapters = self.failing_adapters
+        sibling.unloadable_adapters = self.unloadable_adapters
+        await sibling.start()
+        return sibling
+
+    def take_over(self, replacement: FakeEngine) -> None:  # type: ignore[override]
+        for name in ("_client", "_lora", "adapters", "weights"):
+            mine, theirs = getattr(self, name), getattr(replacement, name)
+            setattr(self, name, theirs)
+            setattr(replacement, name, mine)
+        # Each client generates for the engine that now holds it.
+        self.client._engine, replacement.client._engine = self, replacement
+        self.retired.append(replacement)
 
     @property
     def model_name(self) -> str:
@@ -151,6 +196,10 @@ class FakeEngine:
         from vllm.sampling_params import RequestOutputKind
 
         adapter = lora_request.lora_name if lora_request is not None else None
+        if lora_request is not None and lora_request.lora_int_id not in self.adapters:
+            # Stricter than vLLM (which loads an adapter it is asked for where it has LoRA room):
+            # the adapters a request needs must have been given to this engine.
+            raise ValueError(f"adapter {adapter!r} is not loaded in this engine")
         self.requests.append((request_id, params, adapter))
         self.running.add(request_id)
         prompt_ids = list(prompt.get("prompt_token_ids") or [])
@@ -221,6 +270,8 @@ class FakeEngine:
             self.running.discard(request_id)
 
     async def add_adapter(self, adapter: AdapterSpec) -> None:
+        if self._lora is None:
+            raise AdapterLoadError("this engine was built without LoRA")
         if adapter.name in self.unloadable_adapters:
             raise AdapterLoadError(f"{adapter.path} is not readable here")
         if not (adapter.path / "adapter_config.json").is_file():
@@ -244,6 +295,8 @@ class FakeEngine:
             running_requests=len(self.running),
             unfinished_requests=len(self.running),
             loaded_adapters=len(self.adapters),
+            lora_slots=self._lora.slots if self._lora else 0,
+            lora_max_rank=self._lora.max_rank if self._lora else 0,
         )
 
 
