@@ -48,8 +48,13 @@ adapter loaded; then, unless --skip-lora, two random rank-8 LoRA adapters (made 
 .data/bench/adapters/ with tests/utils/adapters.py) are loaded at runtime (vLLM: POST
 /v1/load_lora_adapter; loopchat: POST /admin/adapters) and, at `--lora-concurrency` (8), the
 base model alone (`lora-base`), a mix where requests alternate between the two adapters
-(`lora-mix`), and the first adapter promoted (`promoted`: loopchat makes it the active version,
-which merges it into the engine's weights; vLLM's server serves it as its LoRA) are measured.
+(`lora-mix`), the first adapter promoted (`promoted`: loopchat makes it the active version,
+which merges it into the engine's weights, and is measured once its engine has given back the
+LoRA room the mix needed; vLLM's server serves it as its LoRA, `vllm-limit` the base model) and a
+95/5 canary (`canary-95-5`: loopchat's alias split by its router between the promoted version
+and the second adapter, a user per request; `vllm-lora` asked for the two adapters 19:1,
+`vllm-limit` for the base model) are measured. loopchat runs with `engine.lora_idle_s` 20 s
+instead of 600 s, so that giving back the LoRA room does not take ten minutes.
 
 Results: a table on the console, bench/results/serving.json and bench/results/serving.md,
 with the ratios loopchat/vLLM (throughput; target >= 0.97) and the TTFT p50 difference
@@ -141,6 +146,8 @@ PROMPTS = [
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 180.0
+LORA_IDLE_S = 20
+ALIAS = "loopchat"
 
 
 class ServerFailure(RuntimeError):
@@ -241,10 +248,13 @@ def vllm_spec(name: str, port: int) -> ServerSpec:
 def loopchat_spec(port: int) -> ServerSpec:
     token = secrets.token_hex(16)
     env = _common_env()
-    # As `make run` starts it: loopchat's own engine defaults.
+    # As `make run` starts it: loopchat's own engine defaults, but for the idle time after which
+    # an unused LoRA room is given back (600 s), shortened so that the scenarios after the
+    # adapter mix do not wait ten minutes for it.
     shutil.rmtree(LOOPCHAT_DATA, ignore_errors=True)
     env.update(
         {
+            "LOOPCHAT_ENGINE__LORA_IDLE_S": str(LORA_IDLE_S),
             "LOOPCHAT_ADMIN_TOKEN": token,
             "LOOPCHAT_DATA_DIR": str(LOOPCHAT_DATA),
             "LOOPCHAT_BASE_MODEL": str(MODEL_PATH),
@@ -467,6 +477,52 @@ def activate(server: Server, version: str) -> None:
         )
 
 
+def _admin(server: Server, method: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    with httpx.Client(base_url=server.base_url, timeout=600.0, trust_env=False) as client:
+        resp = client.request(
+            method, path, json=body, headers={"Authorization": f"Bearer {server.spec.admin_token}"}
+        )
+    if resp.status_code not in (200, 201):
+        raise ServerFailure(f"{server.spec.name}: {method} {path}: {resp.status_code} {resp.text[:500]}")
+    return resp
+
+
+def start_canary(server: Server, version: str, percent: float) -> None:
+    """loopchat: a canary experiment of `version` against the active version, decisions off, and
+    wait until its traffic is routed (the engine has room for the candidate's adapter)."""
+    _admin(
+        server,
+        "POST",
+        "/admin/experiments",
+        {"name": "bench-canary", "variants": [{"name": version, "weight": percent}], "auto": False},
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if lora_slots(server) > 0:
+            return
+        time.sleep(1.0)
+    raise ServerFailure(f"{server.spec.name}: the canary's engine was not ready in {START_TIMEOUT_S:.0f} s")
+
+
+def lora_slots(server: Server) -> int:
+    with httpx.Client(base_url=server.base_url, timeout=30.0, trust_env=False) as client:
+        text = client.get("/metrics").text
+    for line in text.splitlines():
+        if line.startswith("loopchat_engine_lora_slots"):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def settle(server: Server) -> float:
+    """Seconds until loopchat's engine runs without LoRA again (after `lora_idle_s` unused)."""
+    began = time.monotonic()
+    while lora_slots(server) > 0:
+        if time.monotonic() - began > START_TIMEOUT_S:
+            raise ServerFailure(f"{server.spec.name}: the LoRA room was not given back")
+        time.sleep(1.0)
+    return time.monotonic() - began
+
+
 def make_adapters() -> dict[str, Path]:
     """The benchmark's LoRA adapters, made from the base model once and reused."""
     if str(REPO) not in sys.path:
@@ -509,9 +565,12 @@ class Record:
         return self.completion_tokens * inside / len(self.chunk_times)
 
 
-async def stream_chat(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Record:
+async def stream_chat(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, *, user: str | None = None
+) -> Record:
     body = {
         "model": model,
+        **({"user": user} if user is not None else {}),
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "ignore_eos": True,
@@ -571,12 +630,32 @@ class Scenario:
     with_adapters: bool = False
     # loopchat only: the version made active (promoted) before the scenario runs.
     activate: str | None = None
+    # The vLLM servers it is compared with (None: by `with_adapters`, see PEERS), and the models
+    # each of them is asked for instead of `models` (in rotation).
+    peers: tuple[str, ...] | None = None
+    peer_models: dict[str, list[str]] = field(default_factory=dict)
+    # loopchat only: a canary (candidate version, percent of users) started before the scenario;
+    # requests then name the alias, each with a user of its own, and the router splits them.
+    canary: tuple[str, float] | None = None
+    # loopchat only: wait until the engine has given back its LoRA room (nothing is served as an
+    # adapter any more) before the scenario.
+    settle: bool = False
+
+    def compared_with(self) -> tuple[str, ...]:
+        return self.peers if self.peers is not None else PEERS[self.with_adapters]
+
+    def models_for(self, server: str) -> list[str]:
+        if server == "loopchat" and self.canary is not None:
+            return [ALIAS]
+        return self.peer_models.get(server, self.models)
 
 
 async def run_scenario(
     base_url: str,
     scenario: Scenario,
     *,
+    models: list[str],
+    with_users: bool = False,
     warmup_s: float,
     duration_s: float,
     max_tokens: int,
@@ -611,10 +690,11 @@ async def run_scenario(
             rng = random.Random(i)
             k = 0
             while (not window or time.perf_counter() < window[1]) and server_alive():
-                model = scenario.models[counter % len(scenario.models)]
+                model = models[counter % len(models)]
                 counter += 1
                 tokens = max_tokens if k else max(1, -(-max_tokens * (i + 1) // n))
-                rec = await stream_chat(client, model, prompt_for(i, k), tokens)
+                user = f"bench-user-{i}-{k}" if with_users else None
+                rec = await stream_chat(client, model, prompt_for(i, k), tokens, user=user)
                 records.append(rec)
                 if k == 0:
                     first_done += 1
@@ -735,7 +815,7 @@ def bench_server(
     port = free_port()
     spec = loopchat_spec(port) if name == "loopchat" else vllm_spec(name, port)
     if name != "loopchat":
-        scenarios = [sc for sc in scenarios if name in PEERS[sc.with_adapters]]
+        scenarios = [sc for sc in scenarios if name in sc.compared_with()]
     if not scenarios:
         return ServerResult(server=name, command=spec.command)
     server = Server(spec, port, LOG_DIR / log_name)
@@ -748,7 +828,7 @@ def bench_server(
         result.prime_errors = prime_server(server, [MODEL_NAME], args.max_tokens)
         adapters_loaded = False
         for sc in scenarios:
-            if sc.with_adapters and not adapters_loaded:
+            if sc.with_adapters and not adapters_loaded and name in ("loopchat", *PEERS[True]):
                 assert adapters is not None
                 load_adapters(server, adapters)
                 adapters_loaded = True
@@ -757,12 +837,20 @@ def bench_server(
             if sc.activate and name == "loopchat":
                 activate(server, sc.activate)
                 print(f"  activated {sc.activate}")
+            if sc.settle and name == "loopchat":
+                waited = settle(server)
+                print(f"  LoRA room given back after {waited:.0f} s")
+            if sc.canary and name == "loopchat":
+                start_canary(server, *sc.canary)
+                print(f"  canary: {sc.canary[0]} for {sc.canary[1]:g} % of users")
             print(f"  {sc.name}: {sc.description}, concurrency {sc.concurrency} ...", flush=True)
             with CpuMeter(server) as meter:
                 summary = asyncio.run(
                     run_scenario(
                         server.base_url,
                         sc,
+                        models=sc.models_for(name),
+                        with_users=sc.canary is not None and name == "loopchat",
                         warmup_s=args.warmup,
                         duration_s=args.duration,
                         max_tokens=args.max_tokens,
@@ -1161,11 +1249,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         adapters = make_adapters()
         first = next(iter(adapters))
         c = args.lora_concurrency
+        second = list(adapters)[1]
+        # 19 of 20 requests to the champion, 1 to the candidate, as a 95/5 canary splits them.
+        canary_mix = [first] * 19 + [second]
         scenarios += [
-            Scenario("lora-base", c, [MODEL_NAME], "base model, adapters loaded", True),
+            Scenario("lora-base", c, [MODEL_NAME], "base model, adapters in use", True),
             Scenario("lora-mix", c, list(adapters), "alternating between two adapters", True),
-            # loopchat merges the active version into its weights; vLLM serves it as a LoRA.
-            Scenario("promoted", c, [first], f"{first} promoted (vLLM: as its LoRA)", True, activate=first),
+            # loopchat merges the active version into its weights (and, once nothing else is
+            # served as an adapter, runs without LoRA); vLLM's server serves it as its LoRA.
+            Scenario(
+                "promoted",
+                c,
+                [first],
+                f"{first} promoted (vLLM: as its LoRA; vllm-limit: the base model)",
+                True,
+                activate=first,
+                peers=("vllm-limit", "vllm-lora"),
+                peer_models={"vllm-limit": [MODEL_NAME]},
+                settle=True,
+            ),
+            # The champion merged, the candidate its LoRA delta for 5 % of users (loopchat); the
+            # same two adapters unmerged at 19:1 (vllm-lora); the base model alone (vllm-limit).
+            Scenario(
+                "canary-95-5",
+                c,
+                canary_mix,
+                f"{first} active, {second} canary for 5 % of users",
+                True,
+                peers=("vllm-limit", "vllm-lora"),
+                peer_models={"vllm-limit": [MODEL_NAME]},
+                canary=(second, 5.0),
+            ),
         ]
     info = machine_info()  # before the servers start: the git state of the code they run
     servers = [args.only] if args.only else list(SERVERS)
