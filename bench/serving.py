@@ -148,6 +148,7 @@ STOP_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 180.0
 LORA_IDLE_S = 20
 ALIAS = "loopchat"
+CANARY = "bench-canary"
 
 
 class ServerFailure(RuntimeError):
@@ -489,19 +490,37 @@ def _admin(server: Server, method: str, path: str, body: dict[str, Any]) -> http
 
 def start_canary(server: Server, version: str, percent: float) -> None:
     """loopchat: a canary experiment of `version` against the active version, decisions off, and
-    wait until its traffic is routed (the engine has room for the candidate's adapter)."""
-    _admin(
-        server,
-        "POST",
-        "/admin/experiments",
-        {"name": "bench-canary", "variants": [{"name": version, "weight": percent}], "auto": False},
-    )
+    wait until its traffic is routed (the engine has room for the candidate's adapter); one
+    already running is kept."""
+    with httpx.Client(base_url=server.base_url, timeout=60.0, trust_env=False) as client:
+        running = client.get(
+            f"/admin/experiments/{CANARY}", headers={"Authorization": f"Bearer {server.spec.admin_token}"}
+        )
+    if running.status_code != 200 or running.json()["experiment"]["status"] != "running":
+        _admin(
+            server,
+            "POST",
+            "/admin/experiments",
+            {"name": CANARY, "variants": [{"name": version, "weight": percent}], "auto": False},
+        )
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if lora_slots(server) > 0:
             return
         time.sleep(1.0)
     raise ServerFailure(f"{server.spec.name}: the canary's engine was not ready in {START_TIMEOUT_S:.0f} s")
+
+
+def promote_canary(server: Server) -> None:
+    """loopchat: promote the running canary's candidate, as an automatic decision would."""
+    _admin(server, "POST", f"/admin/experiments/{CANARY}/promote", {"reason": "benchmark"})
+
+
+def switch_events(log: Path) -> list[str]:
+    """The server's log lines about weight and engine switches."""
+    marks = ("is live (merged", "engine switched")
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    return [line.strip()[:300] for line in lines if any(mark in line for mark in marks)]
 
 
 def lora_slots(server: Server) -> int:
@@ -640,6 +659,10 @@ class Scenario:
     # loopchat only: wait until the engine has given back its LoRA room (nothing is served as an
     # adapter any more) before the scenario.
     settle: bool = False
+    # loopchat only: this many seconds into the window the running canary's candidate is promoted
+    # (and the scenario's window lasts `window_s` instead of --duration).
+    promote_after_s: float | None = None
+    window_s: float | None = None
 
     def compared_with(self) -> tuple[str, ...]:
         return self.peers if self.peers is not None else PEERS[self.with_adapters]
@@ -656,6 +679,7 @@ async def run_scenario(
     *,
     models: list[str],
     with_users: bool = False,
+    during: tuple[float, Callable[[], None]] | None = None,
     warmup_s: float,
     duration_s: float,
     max_tokens: int,
@@ -676,10 +700,20 @@ async def run_scenario(
     first_done = 0
     window: list[float] = []  # [t0, t1] once known
     begin = time.perf_counter()
+    action: dict[str, float] = {}
+    acting: list[asyncio.Task[None]] = []
+
+    async def act(at: float, call: Callable[[], None]) -> None:
+        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+        action["at_s"] = time.perf_counter() - window[0]
+        await asyncio.to_thread(call)
+        action["took_s"] = time.perf_counter() - window[0] - action["at_s"]
 
     def open_window() -> None:
         t0 = max(time.perf_counter(), begin + warmup_s)
         window.extend([t0, t0 + duration_s])
+        if during is not None:
+            acting.append(asyncio.create_task(act(t0 + during[0], during[1])))
 
     async with httpx.AsyncClient(
         base_url=base_url, limits=limits, timeout=timeout, trust_env=False
@@ -706,14 +740,18 @@ async def run_scenario(
                 elif jitter_s > 0:
                     await asyncio.sleep(rng.uniform(0.0, jitter_s))
 
-        await asyncio.gather(*(worker(i) for i in range(n)))
+        await asyncio.gather(*(worker(i) for i in range(n)), *acting)
         finished = time.perf_counter()
     if not server_alive():
         raise ServerFailure("server died during the scenario")
     if not window:
         raise ServerFailure("no measurement window: the load stopped during warm-up")
     t0, t1 = window
-    return summarize(records, t0=t0, t1=t1, warmup_s=t0 - begin, drain_s=max(0.0, finished - t1))
+    summary = summarize(records, t0=t0, t1=t1, warmup_s=t0 - begin, drain_s=max(0.0, finished - t1))
+    if action:
+        summary["action_at_s"] = round(action["at_s"], 1)
+        summary["action_took_s"] = round(action.get("took_s", float("nan")), 2)
+    return summary
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -745,6 +783,8 @@ def summarize(
     errors = [r for r in records if r.error is not None]
     tokens = sum(r.tokens_between(t0, t1) for r in ok)
     chunks = sum(len(r.chunk_times) for r in started)
+    # Tokens received in each whole second of the window: what a switch under load costs.
+    seconds = [round(sum(r.tokens_between(t0 + k, t0 + k + 1) for r in ok), 1) for k in range(int(duration))]
     return {
         "warmup_s": round(warmup_s, 2),
         "window_s": round(duration, 2),
@@ -766,6 +806,8 @@ def summarize(
         ),
         "errors": len(errors),
         "error_samples": sorted({r.error for r in errors if r.error})[:5],
+        "tok_s_by_second": seconds,
+        "slowest_second_tok_s": min(seconds, default=None),
     }
 
 
@@ -851,14 +893,21 @@ def bench_server(
                         sc,
                         models=sc.models_for(name),
                         with_users=sc.canary is not None and name == "loopchat",
+                        during=(
+                            (sc.promote_after_s, lambda: promote_canary(server))
+                            if sc.promote_after_s is not None and name == "loopchat"
+                            else None
+                        ),
                         warmup_s=args.warmup,
-                        duration_s=args.duration,
+                        duration_s=sc.window_s or args.duration,
                         max_tokens=args.max_tokens,
                         jitter_s=args.jitter_ms / 1000.0,
                         server_alive=lambda: server.alive,
                     )
                 )
             summary.update(concurrency=sc.concurrency, models=sc.models, description=sc.description)
+            if name == "loopchat" and sc.promote_after_s is not None:
+                summary["server_events"] = switch_events(server.log_path)
             summary.update(meter.result)
             result.scenarios[sc.name] = summary
             print(
@@ -1190,6 +1239,22 @@ def markdown(
         lines.append("")
     lines += ["## Per server", ""]
     lines += table(DETAIL_HEADER, detail_rows(results))
+    ours = results["loopchat"].scenarios if "loopchat" in results else {}
+    for name, sc in ours.items():
+        if "action_at_s" not in sc:
+            continue
+        by_second = sc.get("tok_s_by_second") or []
+        lines += [
+            "",
+            f"## {name}: a promotion under load",
+            "",
+            f"- promotion requested {sc['action_at_s']} s into the window, answered after "
+            f"{sc['action_took_s']} s; {sc['errors']} failed requests of {sc['requests_total']}",
+            f"- tok/s over the window {sc['output_tok_s']}; by second: median "
+            f"{statistics.median(by_second) if by_second else '-'}, slowest {sc['slowest_second_tok_s']}",
+            f"- tok/s by second: {' '.join(f'{v:g}' for v in by_second)}",
+            *(f"- server: `{line}`" for line in sc.get("server_events", [])),
+        ]
     for res in results.values():
         if res.failure:
             lines += ["", f"**{res.server} failed**: see {res.log}", "", "```", res.failure, "```"]
@@ -1279,6 +1344,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 peers=("vllm-limit", "vllm-lora"),
                 peer_models={"vllm-limit": [MODEL_NAME]},
                 canary=(second, 5.0),
+            ),
+            # loopchat only: 64 streams on the canary while its candidate is promoted (merged in
+            # place), then the LoRA room it needed given back (an engine swap) in the window.
+            Scenario(
+                "promotion-c64",
+                64,
+                [ALIAS],
+                f"{second} promoted 10 s into the window, 64 streams",
+                True,
+                peers=(),
+                canary=(second, 5.0),
+                promote_after_s=10.0,
+                window_s=100.0,
             ),
         ]
     info = machine_info()  # before the servers start: the git state of the code they run

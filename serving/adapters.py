@@ -250,7 +250,10 @@ class AdapterSet:
         on_demand = self._engine.lora_on_demand
         for _ in range(3):
             if on_demand and name in self._served:
-                self._requested[name] = time.monotonic()
+                if name not in self._routed and name != self._active:
+                    # Named by the request (the experiment's and the active version are wanted
+                    # while they are so): kept in the engine for lora_idle_s.
+                    self._requested[name] = time.monotonic()
                 if name not in self._fitted:
                     await self.fit_lora()
             epoch = await self.gate.enter()
@@ -314,13 +317,25 @@ class AdapterSet:
         finishes the answers it started and stops."""
         build_layer = self._build_layer
         assert build_layer is not None
-        async with self._lock:  # no promotion or adapter change while the new engine is prepared
-            specs = [self._served[name] for name in sorted(wanted) if name in self._served]
-            # On demand runs on CPUs only, where the spare slot LoRACapacity.fitting explains is due.
-            lora = LoRACapacity.fitting([_rank(s.path) for s in specs], spare_slot=True) if specs else None
-            started = time.perf_counter()
-            replacement = await self._engine.replacement(lora)
-            try:
+        ranks = {name: _rank(self._served[name].path) for name in wanted if name in self._served}
+        # On demand runs on CPUs only, where the spare slot LoRACapacity.fitting explains is due.
+        lora = LoRACapacity.fitting(list(ranks.values()), spare_slot=True) if ranks else None
+        started = time.perf_counter()
+        # Built without the lock: serving, promotions and adapter changes go on meanwhile.
+        replacement = await self._engine.replacement(lora)
+        committed = False
+        try:
+            async with self._lock:
+                # What is served may have changed while it was built (a promotion makes new
+                # deltas): it gets the adapters wanted now that fit its room, the others get room
+                # when next requested.
+                specs = [
+                    self._served[name]
+                    for name in sorted(wanted)
+                    if name in self._served
+                    and lora is not None
+                    and _rank(self._served[name].path) <= lora.max_rank
+                ]
                 if self._live is not None:
                     assert self._weights is not None
                     merged = await asyncio.to_thread(self._weights.merged, self._version(self._live))
@@ -329,20 +344,22 @@ class AdapterSet:
                     await replacement.add_adapter(spec)
                 layer = await build_layer(replacement.client)
                 self._register(layer)
-            except BaseException:
+                # The swap: no await from here, so every request takes either the old engine
+                # and layer (and an old epoch) or the new ones.
+                self._engine.take_over(replacement)
+                committed = True
+                self._layer, self._fitted = layer, frozenset(s.name for s in specs)
+                self._retire(replacement, self.gate.mark())
+        except BaseException:
+            if not committed:
                 await replacement.shutdown()
-                raise
-            # The swap: no await from here, so every request takes either the old engine and
-            # layer (and an old epoch) or the new ones.
-            self._engine.take_over(replacement)
-            self._layer, self._fitted = layer, frozenset(s.name for s in specs)
-            self._retire(replacement, self.gate.mark())
-            logger.info(
-                "engine switched to %s for %s in %.1f s",
-                f"LoRA {lora.slots} x rank {lora.max_rank}" if lora else "no LoRA",
-                sorted(self._fitted) or "no adapter",
-                time.perf_counter() - started,
-            )
+            raise
+        logger.info(
+            "engine switched to %s for %s in %.1f s",
+            f"LoRA {lora.slots} x rank {lora.max_rank}" if lora else "no LoRA",
+            sorted(self._fitted) or "no adapter",
+            time.perf_counter() - started,
+        )
 
     def _retire(self, old: ChatEngine, mark: int) -> None:
         async def retire() -> None:

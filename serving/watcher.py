@@ -66,6 +66,7 @@ class RegistryWatcher:
         self.failed: dict[str, str] = {}
         self.retry_failed_s = 30.0
         self._retry_at = 0.0
+        self._shrinking: asyncio.Task[None] | None = None
 
     def _read(self) -> tuple[int, list[ModelVersionRecord], Experiment | None]:
         with Session(self._database) as session:
@@ -147,6 +148,14 @@ class RegistryWatcher:
                 self._metrics.adapter_failed.labels(name).set(0)
 
     async def _fit_lora(self) -> None:
+        """The engine's LoRA room for what the registry serves: grown before the experiment is
+        routed; given back off the sync, since nothing waits for it."""
+        if self._adapters.lora_wanted():
+            await self._fit()
+        elif self._shrinking is None or self._shrinking.done():
+            self._shrinking = asyncio.create_task(self._fit(), name="lora-give-back")
+
+    async def _fit(self) -> None:
         try:
             await self._adapters.fit_lora()
         except EngineError as exc:
@@ -171,6 +180,13 @@ class RegistryWatcher:
         )
 
     async def run(self) -> None:
+        try:
+            await self._poll()
+        finally:
+            if self._shrinking is not None:
+                self._shrinking.cancel()
+
+    async def _poll(self) -> None:
         failing = False
         while True:
             await asyncio.sleep(self._poll_interval)

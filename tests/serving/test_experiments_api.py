@@ -528,3 +528,24 @@ def test_a_version_a_replica_cannot_load_goes_to_control_there_and_loads_when_it
         engine_b.unloadable_adapters.clear()
         assert wait_until(lambda: chat(b, "bob")["x-loopchat-model-version"] == "v1")
         assert 'loopchat_adapter_load_failed{model_version="v1"} 0.0' in b.get("/metrics/").text
+
+
+def test_an_experiment_gets_lora_room_before_its_traffic_and_gives_it_back_after(
+    ab_settings: Settings, admin_headers, tmp_path: Path
+) -> None:
+    """With the LoRA room following demand: the experiment's start returns once the engine has
+    room for its candidate (no request of it waits for an engine), and its end gives it back."""
+    engine = FakeEngine(lora_on_demand=True)
+    with app_client(ab_settings, engine) as client:
+        folder = make_adapter_dir(tmp_path / "v1")
+        (folder / "adapter_model.safetensors").touch()  # the fake engine reads no weights
+        register(client, admin_headers, "v1", folder)
+        assert engine.lora is None and engine.builds == []
+        start(client, admin_headers)
+        assert engine.lora is not None and engine.lora.slots == 2
+        versions = {chat(client, user=f"user-{i}")["x-loopchat-model-version"] for i in range(24)}
+        assert versions == {"fake-base", "v1"}
+        assert len(engine.builds) == 1
+        assert client.post("/admin/experiments/exp1/stop", headers=admin_headers).status_code == 200
+        assert wait_until(lambda: engine.lora is None)
+        assert chat(client, user="user-1")["x-loopchat-model-version"] == "fake-base"
