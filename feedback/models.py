@@ -233,6 +233,27 @@ class RegistryState(SQLModel, table=True):
     revision: int = 0
 
 
+class ServingReplica(SQLModel, table=True):
+    """What one serving process serves, as it reports it (every change, and every 30 s): the
+    version whose weights its engine holds and where they are read from, and its LoRA room."""
+
+    __tablename__ = "serving_replica"
+
+    # host:pid (the host is the pod's name on Kubernetes).
+    replica: str = Field(primary_key=True, max_length=255)
+    active_version: str = Field(max_length=128)
+    # The version merged into the engine's weights (served without LoRA), and their folder.
+    live_version: str = Field(max_length=128)
+    weights_path: str = Field(max_length=1024)
+    # The engine's LoRA room (0: none) and the versions it holds as adapters.
+    lora_slots: int = 0
+    lora_max_rank: int = 0
+    lora_versions: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    registry_revision: int = 0
+    started_at: datetime = _timestamp()
+    updated_at: datetime = _timestamp(index=True)
+
+
 # -- retraining --------------------------------------------------------------------------------
 
 

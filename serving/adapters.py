@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from serving.engine.base import (
     AdapterLoadError,
@@ -185,6 +185,8 @@ class AdapterSet:
         self._fitted: frozenset[str] = frozenset()
         self._routed: frozenset[str] = frozenset()
         self._requested: dict[str, float] = {}
+        # Where the live weights are read from (the base model folder, or the merged version's).
+        self._live_weights = engine.model_path
         self._fitting = asyncio.Lock()
         self._fit_failed_at: float | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -379,6 +381,20 @@ class AdapterSet:
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
 
+    def serving_state(self) -> dict[str, Any]:
+        """What this process serves: the active version, the one whose weights the engine holds
+        and their folder, the engine's LoRA room and the versions it holds as adapters."""
+        lora = self._engine.lora
+        held = self._fitted if self._engine.lora_on_demand else frozenset(self._served)
+        return {
+            "active_version": self.active.name,
+            "live_version": self.live.name,
+            "weights_path": str(self._live_weights),
+            "lora_slots": lora.slots if lora else 0,
+            "lora_max_rank": lora.max_rank if lora else 0,
+            "lora_versions": sorted(held),
+        }
+
     def _engine_adapters(self, served: dict[str, AdapterSpec]) -> list[AdapterSpec]:
         """Of these adapters, the ones the engine holds: all where its room is fixed; on demand
         those in use that fit its room (the others get room when next requested)."""
@@ -444,7 +460,7 @@ class AdapterSet:
                     self._layer.serve_weights_as(live[0])
                     for spec in served.values():
                         self._layer.register_adapter(spec)
-                self._served, self._live = served, name
+                self._served, self._live, self._live_weights = served, name, merged
                 if self._engine.lora_on_demand:
                     self._fitted = frozenset(spec.name for spec in held)
             logger.info(

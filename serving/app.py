@@ -96,6 +96,7 @@ async def _start_registry(app: FastAPI) -> None:
             base_model=settings.model_path,
         )
         await state.watcher.sync(force=True)
+        await state.watcher.report()
     except SQLAlchemyError as exc:
         # Serve the base (and configured adapters) now; the watcher retries the database.
         logger.error("model registry unavailable at start-up: %s", exc.__class__.__name__)

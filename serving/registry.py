@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 
 from feedback.models import (
@@ -26,6 +27,7 @@ from feedback.models import (
     Experiment,
     ModelVersionRecord,
     RegistryState,
+    ServingReplica,
     utcnow,
 )
 from serving.engine.base import AdapterLoadError
@@ -209,3 +211,25 @@ def _demote_active(session: Session, *, except_name: str | None) -> None:
         session.add(current)
         # The partial unique index allows one active row: write this change first.
         session.flush()
+
+
+# A replica that has not reported for this long is shown as stale, and forgotten after a day.
+REPLICA_STALE_AFTER = timedelta(seconds=90)
+REPLICA_FORGOTTEN_AFTER = timedelta(days=1)
+
+
+def report_replica(report: ServingReplica, *, session: Session) -> None:
+    """Record what one serving process serves now (replacing its previous report)."""
+    stored = session.get(ServingReplica, report.replica)
+    if stored is not None:
+        report.started_at = stored.started_at
+    report.updated_at = utcnow()
+    session.merge(report)
+    session.exec(
+        delete(ServingReplica).where(col(ServingReplica.updated_at) < utcnow() - REPLICA_FORGOTTEN_AFTER)
+    )
+    session.commit()
+
+
+def list_replicas(*, session: Session) -> list[ServingReplica]:
+    return list(session.exec(select(ServingReplica).order_by(col(ServingReplica.replica))))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, select
 
-from feedback.models import Experiment, ModelVersionRecord
+from feedback.models import Experiment, ModelVersionRecord, ServingReplica
 from monitoring.metrics import ExperimentMetrics
 from serving.adapters import AdapterConflictError, AdapterSet, UnknownModelError
 from serving.engine.base import AdapterLoadError, EngineError
@@ -36,6 +38,7 @@ from serving.registry import (
     list_versions,
     read_adapter_config,
     register_version,
+    report_replica,
     servable_versions,
 )
 from serving.router import ABRouter, ExperimentRoute, RoutingTable
@@ -67,6 +70,10 @@ class RegistryWatcher:
         self.retry_failed_s = 30.0
         self._retry_at = 0.0
         self._shrinking: asyncio.Task[None] | None = None
+        # This process in the registry's `serving_replica` table (see `report`).
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self._reported: dict[str, object] | None = None
+        self._reported_at = 0.0
 
     def _read(self) -> tuple[int, list[ModelVersionRecord], Experiment | None]:
         with Session(self._database) as session:
@@ -147,6 +154,19 @@ class RegistryWatcher:
                 self.failed.pop(name)
                 self._metrics.adapter_failed.labels(name).set(0)
 
+    async def report(self) -> None:
+        """Record what this process serves in the registry, when it changed or every
+        REPORT_EVERY_S (the rows of processes that stopped reporting show as stale)."""
+        state: dict[str, object] = {**self._adapters.serving_state(), "registry_revision": self._seen or 0}
+        if state == self._reported and time.monotonic() - self._reported_at < REPORT_EVERY_S:
+            return
+        await asyncio.to_thread(self._write_report, state)
+        self._reported, self._reported_at = state, time.monotonic()
+
+    def _write_report(self, state: dict[str, object]) -> None:
+        with Session(self._database) as session:
+            report_replica(ServingReplica(replica=self.replica, **state), session=session)
+
     async def _fit_lora(self) -> None:
         """The engine's LoRA room for what the registry serves: grown before the experiment is
         routed; given back off the sync, since nothing waits for it."""
@@ -192,6 +212,7 @@ class RegistryWatcher:
             await asyncio.sleep(self._poll_interval)
             try:
                 await self.sync()
+                await self.report()
             except (SQLAlchemyError, OSError) as exc:
                 # Keep serving with the last known table while the database is away; say so once.
                 log = logger.debug if failing else logger.warning
@@ -204,6 +225,9 @@ class RegistryWatcher:
             if failing:
                 logger.info("registry sync works again")
                 failing = False
+
+
+REPORT_EVERY_S = 30.0
 
 
 class ExperimentEvaluator:

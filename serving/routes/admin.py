@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Response
 from sqlmodel import Session
 
+from feedback.models import utcnow
 from serving.adapters import AdapterConflictError
 from serving.deps import AdaptersDep, AdminDep, DatabaseDep, ReadyDep, SettingsDep, WatcherDep
 from serving.engine.base import AdapterLoadError
@@ -20,10 +23,12 @@ from serving.protocol import (
     ModelVersionList,
 )
 from serving.registry import (
+    REPLICA_STALE_AFTER,
     VersionConflictError,
     VersionInfo,
     VersionNotFoundError,
     activate,
+    list_replicas,
     list_versions,
     retire_version,
 )
@@ -127,3 +132,27 @@ async def set_active(
         )
     # `live`: the version whose weights the engine holds (the active one once merged).
     return {"active": adapters.active.name, "live": adapters.live.name}
+
+
+@router.get("/replicas", responses=_ERRORS)
+async def replicas(database: DatabaseDep, watcher: WatcherDep) -> dict[str, Any]:
+    """What each serving process reports it serves: the active version, the version whose
+    weights its engine holds (`live`) and their folder, its LoRA room and the versions held as
+    adapters. `stale`: no report for REPLICA_STALE_AFTER (the process stopped or is stuck)."""
+
+    def read():
+        with Session(database) as session:
+            return list_replicas(session=session)
+
+    now = utcnow()
+    rows = []
+    for row in await asyncio.to_thread(read):
+        updated = row.updated_at if row.updated_at.tzinfo else row.updated_at.replace(tzinfo=UTC)
+        rows.append(
+            {
+                **row.model_dump(mode="json"),
+                "stale": now - updated > REPLICA_STALE_AFTER,
+                "this_process": row.replica == watcher.replica,
+            }
+        )
+    return {"data": rows, "count": len(rows)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,46 @@ def test_adapters_from_settings_load_at_start(tmp_path: Path, adapter_dir: Path)
                 break
         response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
         assert response.headers["x-loopchat-model-version"] == "v1"
+
+
+def test_each_replica_reports_its_live_weights_and_lora_room(tmp_path: Path, base_model_path: Path) -> None:
+    from tests.conftest import ADMIN_TOKEN
+    from tests.utils.adapters import make_lora_adapter
+
+    settings = Settings(
+        data_dir=tmp_path,
+        admin_token=ADMIN_TOKEN,
+        base_model=base_model_path,  # what the adapter names as its base
+        ab={"poll_interval_s": 0.1, "evaluate": False},
+    )
+    adapter = make_lora_adapter(base_model_path, tmp_path / "v1", rank=4, seed=1)
+    engine = FakeEngine(lora_on_demand=True)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with TestClient(create_app(settings, engine=engine, exit_on_engine_failure=False)) as client:
+        wait_ready(client)
+
+        def replica(**expected) -> dict:
+            deadline = time.monotonic() + 10
+            while True:
+                [row] = client.get("/admin/replicas", headers=headers).json()["data"]
+                if all(row[k] == v for k, v in expected.items()) or time.monotonic() > deadline:
+                    return row
+
+        row = replica()
+        assert row["live_version"] == row["active_version"] == "fake-base"
+        assert row["weights_path"] == str(engine.model_path)
+        assert (row["lora_slots"], row["lora_versions"]) == (0, [])
+        assert row["this_process"] and not row["stale"]
+
+        loaded = client.post("/admin/adapters", json={"name": "v1", "path": str(adapter)}, headers=headers)
+        assert loaded.status_code == 201, loaded.text
+        assert client.put("/admin/active", json={"name": "v1"}, headers=headers).json()["live"] == "v1"
+        row = replica(live_version="v1")
+        assert row["live_version"] == row["active_version"] == "v1"
+        assert Path(row["weights_path"]).parent == tmp_path / "weights" / "merged"
+
+        # The base model is now a LoRA delta over v1: asking for it builds the engine's LoRA room.
+        answer = client.post("/v1/chat/completions", json={"messages": USER, "model": "fake-base"})
+        assert answer.json()["choices"][0]["message"]["content"].startswith("[fake-base]")
+        row = replica(lora_slots=2)
+        assert (row["lora_slots"], row["lora_max_rank"], row["lora_versions"]) == (2, 8, ["fake-base"])
