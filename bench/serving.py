@@ -83,6 +83,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -295,6 +296,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
         self._children: list[Any] = []
+        self._cpu_seen: dict[int, float] = {}
         self.start_s: float | None = None
 
     def start(self) -> None:
@@ -377,21 +379,22 @@ class Server:
         return proc.returncode
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system) of the server process and its children so far."""
+        """CPU time (user + system) of the server process and its children so far, those that
+        have exited included (as last seen: loopchat replaces its engine processes when its
+        LoRA room changes, so sample often, see CpuMeter)."""
         if self.proc is None:
             return 0.0
         try:
             import psutil
 
             root = psutil.Process(self.proc.pid)
-            total = 0.0
             for proc in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
                     times = proc.cpu_times()
-                    total += times.user + times.system
-            return total
+                    self._cpu_seen[proc.pid] = times.user + times.system
         except Exception:
-            return 0.0
+            pass
+        return sum(self._cpu_seen.values())
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -428,9 +431,19 @@ class CpuMeter:
         self.srv = self.server.cpu_seconds()
         own = os.times()
         self.own = own.user + own.system
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
         return self
 
+    def _sample(self) -> None:
+        # Server processes that start and stop during the scenario are counted as last seen.
+        while not self._stop.wait(0.5):
+            self.server.cpu_seconds()
+
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._sampler.join()
         wall = max(time.monotonic() - self.t, 1e-9) * (os.cpu_count() or 1)
         busy, steal = _system_cpu()
         own = os.times()

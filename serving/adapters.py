@@ -132,6 +132,7 @@ class Admission:
 
     layer: OpenAILayer
     epoch: int
+    version: str
 
 
 # After a failed LoRA switch, requests needing one are refused (503) this long before a retry.
@@ -185,6 +186,9 @@ class AdapterSet:
         self._fitted: frozenset[str] = frozenset()
         self._routed: frozenset[str] = frozenset()
         self._requested: dict[str, float] = {}
+        # The build of an engine without LoRA while the room is given back (cancelled when an
+        # adapter is asked for meanwhile).
+        self._giving_back: asyncio.Future[ChatEngine] | None = None
         # Where the live weights are read from (the base model folder, or the merged version's).
         self._live_weights = engine.model_path
         self._fitting = asyncio.Lock()
@@ -254,8 +258,10 @@ class AdapterSet:
             if on_demand and name in self._served:
                 if name not in self._routed and name != self._active:
                     # Named by the request (the experiment's and the active version are wanted
-                    # while they are so): kept in the engine for lora_idle_s.
+                    # while they are so): kept in the engine until lora_idle_s after its last answer.
                     self._requested[name] = time.monotonic()
+                if self._giving_back is not None:
+                    self._giving_back.cancel()  # asked for again: the room is kept
                 if name not in self._fitted:
                     await self.fit_lora()
             epoch = await self.gate.enter()
@@ -265,12 +271,14 @@ class AdapterSet:
                 self.gate.leave(epoch)
                 raise EngineNotReady("the model is still loading")
             if not on_demand or name not in self._served or name in self._fitted:
-                return Admission(layer, epoch)
+                return Admission(layer, epoch, name)
             self.gate.leave(epoch)  # a promotion changed what the engine holds meanwhile
         raise EngineError(f"the engine has no LoRA room for {name!r} now; retry later")
 
     def release(self, admission: Admission) -> None:
         self.gate.leave(admission.epoch)
+        if admission.version in self._requested:
+            self._requested[admission.version] = time.monotonic()
 
     def serve_routed(self, names: Iterable[str]) -> None:
         """The versions the running experiment routes to (on demand: kept in the engine)."""
@@ -324,10 +332,27 @@ class AdapterSet:
         lora = LoRACapacity.fitting(list(ranks.values()), spare_slot=True) if ranks else None
         started = time.perf_counter()
         # Built without the lock: serving, promotions and adapter changes go on meanwhile.
-        replacement = await self._engine.replacement(lora)
+        build = asyncio.ensure_future(self._engine.replacement(lora))
+        if lora is None:
+            self._giving_back = build
+        try:
+            await asyncio.wait({build})
+        except BaseException:
+            build.cancel()
+            raise
+        finally:
+            self._giving_back = None
+        if build.cancelled():
+            logger.info("giving back the LoRA room cancelled: an adapter was asked for")
+            return
+        replacement = build.result()
         committed = False
         try:
             async with self._lock:
+                if lora is None and self.lora_wanted():
+                    logger.info("LoRA room kept: an adapter was asked for while it was given back")
+                    await replacement.shutdown()
+                    return
                 # What is served may have changed while it was built (a promotion makes new
                 # deltas): it gets the adapters wanted now that fit its room, the others get room
                 # when next requested.

@@ -195,7 +195,7 @@ class VLLMEngine:
                 "or set LOOPCHAT_BASE_MODEL to a Hugging Face model folder"
             )
         # Building the engine blocks for the model load; keep the event loop (health probes) free.
-        self._engine = await _in_thread(self._build, nice=building_nice)
+        self._engine = await _in_thread(self._build, nice=building_nice, discard=_shutdown)
         self._stats.lora_slots = self._lora.slots if self._lora else 0
         self._stats.lora_max_rank = self._lora.max_rank if self._lora else 0
         self._max_model_len = self._engine.model_config.max_model_len
@@ -302,34 +302,40 @@ class VLLMEngine:
         return self._stats
 
 
-def _in_thread(build: Any, *, nice: int) -> Any:
-    """`build()` in a thread of its own at this nice value: the engine processes it spawns inherit
-    it (Linux keeps a nice value per thread, and children start with their parent thread's)."""
-    if nice <= 0:
-        return asyncio.to_thread(build)
+def _in_thread(build: Any, *, nice: int, discard: Any) -> asyncio.Future[Any]:
+    """`build()` in a thread of its own at this nice value (the engine processes it spawns
+    inherit it: Linux keeps a nice value per thread, and children start with their parent
+    thread's). If the wait is cancelled, what the build still makes is given to `discard`."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[Any] = loop.create_future()
 
     def run() -> None:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        if nice > 0:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         try:
             result = build()
         except BaseException as exc:
-            loop.call_soon_threadsafe(_settle, done, None, exc)
+            loop.call_soon_threadsafe(_settle, done, None, exc, discard)
         else:
-            loop.call_soon_threadsafe(_settle, done, result, None)
+            loop.call_soon_threadsafe(_settle, done, result, None, discard)
 
     threading.Thread(target=run, name="engine-build", daemon=True).start()
     return done
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None, discard: Any) -> None:
+    if future.done():  # cancelled: nobody takes the engine, stop it
+        if result is not None:
+            threading.Thread(target=discard, args=(result,), name="engine-discard", daemon=True).start()
         return
     if error is not None:
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _shutdown(engine: AsyncLLM) -> None:
+    engine.shutdown()
 
 
 def lower_engine_priority(nice: int) -> None:

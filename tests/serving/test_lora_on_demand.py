@@ -185,3 +185,36 @@ def test_a_failed_switch_answers_503_with_retry_after(trained: dict[str, Path], 
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert refused.json()["error"]["code"] == "engine_unavailable"
         assert chat().status_code == 200
+
+
+def test_the_room_is_kept_until_lora_idle_s_after_the_last_answer_and_a_request_stops_giving_it_back(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        engine = FakeEngine(model_name="base", lora_on_demand=True, token_delay=0.05, build_delay=0.3)
+        adapters = await _attached(engine, tmp_path, lora_idle_s=0.4)
+        await adapters.load("a", trained["a"])
+        # An answer that outlasts lora_idle_s: the room is kept from its end, not its start.
+        admission = await adapters.admit("a")
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        request = ChatCompletionRequest(model="a", messages=USER, max_tokens=12, ignore_eos=True)
+        try:
+            await admission.layer.chat.create_chat_completion(request, None)
+        finally:
+            adapters.release(admission)
+        await adapters.fit_lora()
+        assert engine.lora == LoRACapacity(2, 8) and len(engine.builds) == 1
+
+        # Unused for lora_idle_s: the room is being given back (an engine without LoRA builds) ...
+        await asyncio.sleep(0.5)
+        giving_back = asyncio.create_task(adapters.fit_lora())
+        await asyncio.sleep(0.1)
+        assert engine.builds[-1] is None
+        # ... when `a` is asked for again: that build is dropped and the room kept.
+        assert (await _answer(adapters, await adapters.admit("a"), "a")).startswith("[a]")
+        await giving_back
+        assert engine.lora == LoRACapacity(2, 8) and engine.builds == [LoRACapacity(2, 8), None]
+        await adapters.close()
+
+    asyncio.run(scenario())
