@@ -53,8 +53,11 @@ which merges it into the engine's weights, and is measured once its engine has g
 LoRA room the mix needed; vLLM's server serves it as its LoRA, `vllm-limit` the base model) and a
 95/5 canary (`canary-95-5`: loopchat's alias split by its router between the promoted version
 and the second adapter, a user per request; `vllm-lora` asked for the two adapters 19:1,
-`vllm-limit` for the base model) are measured. loopchat runs with `engine.lora_idle_s` 20 s
-instead of 600 s, so that giving back the LoRA room does not take ten minutes.
+`vllm-limit` for the base model) are measured; last, loopchat alone, 64 streams on the canary
+while its candidate is promoted 10 s into a 100 s window (`promotion-c64`: the errors, how long
+the promotion call took, the tokens of every second, and the server's switch log lines). loopchat
+runs with `engine.lora_idle_s` 90 s instead of 600 s (longer than a scenario, shorter than ten
+minutes of waiting before `promoted`).
 
 Results: a table on the console, bench/results/serving.json and bench/results/serving.md,
 with the ratios loopchat/vLLM (throughput; target >= 0.97) and the TTFT p50 difference
@@ -147,7 +150,7 @@ PROMPTS = [
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 180.0
-LORA_IDLE_S = 20
+LORA_IDLE_S = 90
 ALIAS = "loopchat"
 CANARY = "bench-canary"
 

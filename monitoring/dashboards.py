@@ -219,6 +219,10 @@ SERVICE = Dashboard(
             Panel("Adapters", "LoRA adapters loaded; versions a replica could not load (traffic to control).",
                   (Query("max(loopchat_engine_loaded_adapters)", "loaded"),
                    Query("sum(loopchat_adapter_load_failed)", "failed to load")), "short"),
+            Panel("LoRA room", "LoRA slots and largest rank the engines were built with (0: no LoRA, the "
+                  "base model's speed); rises while a canary or a version requested by name is served.",
+                  (Query("max(loopchat_engine_lora_slots)", "slots"),
+                   Query("max(loopchat_engine_lora_max_rank)", "max rank")), "none"),
             Panel("Adapter loads", "Adapter loads per hour by outcome.",
                   (Query("sum by (outcome) (increase(loopchat_adapter_loads_total[1h]))", "{{outcome}}"),),
                   "short"),

@@ -186,6 +186,8 @@ class AdapterSet:
         self._fitted: frozenset[str] = frozenset()
         self._routed: frozenset[str] = frozenset()
         self._requested: dict[str, float] = {}
+        # Answers in flight per version served as LoRA: wanted while they run.
+        self._in_use: Counter[str] = Counter()
         # The build of an engine without LoRA while the room is given back (cancelled when an
         # adapter is asked for meanwhile).
         self._giving_back: asyncio.Future[ChatEngine] | None = None
@@ -271,13 +273,18 @@ class AdapterSet:
                 self.gate.leave(epoch)
                 raise EngineNotReady("the model is still loading")
             if not on_demand or name not in self._served or name in self._fitted:
+                self._in_use[name] += 1
                 return Admission(layer, epoch, name)
             self.gate.leave(epoch)  # a promotion changed what the engine holds meanwhile
         raise EngineError(f"the engine has no LoRA room for {name!r} now; retry later")
 
     def release(self, admission: Admission) -> None:
         self.gate.leave(admission.epoch)
-        if admission.version in self._requested:
+        name = admission.version
+        self._in_use[name] -= 1
+        if self._in_use[name] <= 0:
+            del self._in_use[name]
+        if name in self._requested:
             self._requested[admission.version] = time.monotonic()
 
     def serve_routed(self, names: Iterable[str]) -> None:
@@ -286,9 +293,11 @@ class AdapterSet:
 
     def lora_wanted(self) -> frozenset[str]:
         """The versions served as LoRA that the engine should hold now, at most `max_loras`: the
-        experiment's and the active one first, then the most recently requested."""
+        experiment's, the active one and those with answers in flight first, then the most
+        recently used."""
         now = time.monotonic()
-        first = [n for n in sorted(self._routed | {self.active.name}) if n in self._served]
+        needed = self._routed | {self.active.name} | set(self._in_use)
+        first = [n for n in sorted(needed) if n in self._served]
         recent = sorted(
             (n for n, at in self._requested.items() if now - at < self._lora_idle_s and n in self._served),
             key=lambda n: -self._requested[n],

@@ -199,8 +199,11 @@ def test_the_room_is_kept_until_lora_idle_s_after_the_last_answer_and_a_request_
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
         request = ChatCompletionRequest(model="a", messages=USER, max_tokens=12, ignore_eos=True)
+        answer = asyncio.create_task(admission.layer.chat.create_chat_completion(request, None))
+        await asyncio.sleep(0.45)
+        assert adapters.lora_wanted() == {"a"}  # its answer still runs
         try:
-            await admission.layer.chat.create_chat_completion(request, None)
+            await answer
         finally:
             adapters.release(admission)
         await adapters.fit_lora()
