@@ -55,6 +55,10 @@ class ModelVersion:
     created: int
 
 
+# How long a switch waits for the answers in flight (a stream never read holds its pass).
+DRAIN_S = 300.0
+
+
 class VersionGate:
     """Keeps weight and engine switches apart from the answers in flight.
 
@@ -99,7 +103,7 @@ class VersionGate:
         self._epoch += 1
         return self._epoch - 1
 
-    async def drained(self, mark: int, timeout: float = 300.0) -> bool:
+    async def drained(self, mark: int, timeout: float = DRAIN_S) -> bool:
         """Waits until no pass of epoch `mark` or before is held; False after `timeout`."""
         deadline = time.monotonic() + timeout
         while any(epoch <= mark for epoch in self._passes):
@@ -111,7 +115,7 @@ class VersionGate:
         return True
 
     @contextlib.asynccontextmanager
-    async def closed(self, drain_s: float = 300.0) -> AsyncIterator[None]:
+    async def closed(self, drain_s: float = DRAIN_S) -> AsyncIterator[None]:
         self._open.clear()
         try:
             try:
@@ -188,6 +192,7 @@ class AdapterSet:
         self._requested: dict[str, float] = {}
         # Answers in flight per version served as LoRA: wanted while they run.
         self._in_use: Counter[str] = Counter()
+        self._admitted_at: dict[str, float] = {}
         # The build of an engine without LoRA while the room is given back (cancelled when an
         # adapter is asked for meanwhile).
         self._giving_back: asyncio.Future[ChatEngine] | None = None
@@ -274,6 +279,7 @@ class AdapterSet:
                 raise EngineNotReady("the model is still loading")
             if not on_demand or name not in self._served or name in self._fitted:
                 self._in_use[name] += 1
+                self._admitted_at[name] = time.monotonic()
                 return Admission(layer, epoch, name)
             self.gate.leave(epoch)  # a promotion changed what the engine holds meanwhile
         raise EngineError(f"the engine has no LoRA room for {name!r} now; retry later")
@@ -296,7 +302,10 @@ class AdapterSet:
         experiment's, the active one and those with answers in flight first, then the most
         recently used."""
         now = time.monotonic()
-        needed = self._routed | {self.active.name} | set(self._in_use)
+        # A pass a stream never hands back (its client left before the first byte) stops
+        # counting after the drain timeout, as in VersionGate.
+        running = {n for n in self._in_use if now - self._admitted_at.get(n, now) < DRAIN_S}
+        needed = self._routed | {self.active.name} | running
         first = [n for n in sorted(needed) if n in self._served]
         recent = sorted(
             (n for n, at in self._requested.items() if now - at < self._lora_idle_s and n in self._served),
