@@ -221,10 +221,6 @@ class AdapterSet:
         return self._layer
 
     @property
-    def attached(self) -> bool:
-        return self._layer is not None
-
-    @property
     def base(self) -> ModelVersion:
         return self._base
 
@@ -290,8 +286,9 @@ class AdapterSet:
         self._in_use[name] -= 1
         if self._in_use[name] <= 0:
             del self._in_use[name]
+            self._admitted_at.pop(name, None)
         if name in self._requested:
-            self._requested[admission.version] = time.monotonic()
+            self._requested[name] = time.monotonic()
 
     def serve_routed(self, names: Iterable[str]) -> None:
         """The versions the running experiment routes to (on demand: kept in the engine)."""

@@ -164,11 +164,6 @@ class ChatService:
     def adapters(self) -> AdapterSet:
         return self._adapters
 
-    @property
-    def openai(self) -> OpenAILayer | None:
-        """vLLM's OpenAI layer over the serving engine (None while it starts)."""
-        return self._adapters.layer if self._adapters.attached else None
-
     def layer(self) -> OpenAILayer:
         return self._adapters.layer
 
