@@ -81,6 +81,11 @@ class VersionGate:
     def busy(self) -> int:
         return sum(self._passes.values())
 
+    @property
+    def switching(self) -> bool:
+        """A weight switch holds new passes back."""
+        return not self._open.is_set()
+
     async def enter(self) -> int:
         """Takes a pass; returns its epoch (for `leave`)."""
         while not self._open.is_set():
@@ -252,12 +257,20 @@ class AdapterSet:
             return self.active
         return self.get(requested)
 
-    async def admit(self, name: str) -> Admission:
+    async def admit(self, name: str, *, follows_alias: bool = False) -> Admission:
         """A pass for an answer of version `name` and the layer to serve it with; where the LoRA
         room follows demand and the engine has no room for `name` yet, after building it (an
-        EngineError when that fails)."""
+        EngineError when that fails).
+
+        `follows_alias`: `name` was chosen for the alias (the active version, an experiment's
+        variant, a conversation's earlier version). Where the engine has no room for it (the
+        version was the champion until a promotion while this request waited), the active
+        version answers instead of building an engine for one answer; the Admission says which.
+        """
         on_demand = self._engine.lora_on_demand
         for _ in range(3):
+            if follows_alias and on_demand and name in self._served and name not in self._fitted:
+                name = self.active.name
             if on_demand and name in self._served:
                 if name not in self._routed and name != self._active:
                     # Named by the request (the experiment's and the active version are wanted

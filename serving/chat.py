@@ -52,6 +52,8 @@ class PreparedChat:
     trace: RequestTrace = field(default_factory=RequestTrace)
     # The engine (and its layer) serving the answer, held until it ends.
     admission: Admission | None = None
+    # The version was chosen for the `loopchat` alias (by the active version or the router).
+    follows_alias: bool = False
 
     def choice_id(self, index: int) -> str:
         """The completion id of choice `index`: the response's id for the first, `<id>.<index>`
@@ -183,12 +185,17 @@ class ChatService:
     async def prepare_routed(self, request: ChatCompletionRequest, raw_messages: list[Any]) -> PreparedChat:
         """`prepare`, with the alias routed by the running experiment (sticky per user and
         conversation); a request naming a version gets that version."""
-        if self._router is None or request.model not in (None, ALIAS_MODEL):
+        if request.model not in (None, ALIAS_MODEL):
             return self.prepare(request, raw_messages)
-        given = (request.metadata or {}).get("conversation_id")
-        conversation_id = given or new_conversation_id()
-        route = await self._router.route(request.user, conversation_id, existing=given is not None)
-        return self.prepare(request, raw_messages, route=route, conversation_id=conversation_id)
+        if self._router is None:
+            chat = self.prepare(request, raw_messages)
+        else:
+            given = (request.metadata or {}).get("conversation_id")
+            conversation_id = given or new_conversation_id()
+            route = await self._router.route(request.user, conversation_id, existing=given is not None)
+            chat = self.prepare(request, raw_messages, route=route, conversation_id=conversation_id)
+        chat.follows_alias = True
+        return chat
 
     def prepare(
         self,
@@ -292,7 +299,11 @@ class ChatService:
         """The response body (a dict) or, for `stream`, its server-sent events."""
         # Held until _finish: a weight switch (a promotion) waits for this answer to end, an
         # engine switch keeps the previous engine until then.
-        chat.admission = await self._adapters.admit(chat.version.name)
+        chat.admission = await self._adapters.admit(chat.version.name, follows_alias=chat.follows_alias)
+        if chat.admission.version != chat.version.name:
+            # Promoted meanwhile: the new champion answers, outside the experiment that ended.
+            chat.version = self._adapters.get(chat.admission.version)
+            chat.experiment = chat.variant = ""
         layer = chat.admission.layer
         engine_request = self._engine_request(chat, request, layer)
         chat.trace = layer.client.watch(chat.completion_id, sampled_logprobs=self._sampled_logprobs)

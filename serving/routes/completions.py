@@ -24,6 +24,7 @@ from serving.chat import new_request_hex
 from serving.chat_protocol import CompletionRequest
 from serving.deps import AdaptersDep, ChatServiceDep, ReadyDep
 from serving.errors import EVENT_STREAM, APIError, error_responses, vllm_call
+from serving.settings import ALIAS_MODEL
 
 router = APIRouter(prefix="/v1", tags=["completions"])
 tokenizer = APIRouter(tags=["tokenizer"])
@@ -63,7 +64,8 @@ async def create_completion(body: CompletionRequest, chat_service: ChatServiceDe
     )
     # As for chats: a weight switch waits for this answer to end, an engine switch keeps the
     # previous engine until then.
-    admission = await adapters.admit(request.model)
+    admission = await adapters.admit(request.model, follows_alias=body.model in (None, ALIAS_MODEL))
+    request.model = admission.version  # the new champion where a promotion came first
     try:
         answer = await vllm_call(admission.layer.completion.create_completion(request, None))
     except BaseException:

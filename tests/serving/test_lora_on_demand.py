@@ -11,6 +11,8 @@ from fastapi.testclient import TestClient
 
 from serving.adapters import AdapterSet, Admission
 from serving.app import create_app
+from serving.chat import ChatService
+from serving.chat_protocol import ChatCompletionRequest
 from serving.engine.base import EngineError, LoRACapacity
 from serving.openai_layer import build_openai_layer, serve_arguments
 from serving.settings import Settings
@@ -150,6 +152,49 @@ def test_a_merged_champion_stays_merged_in_the_replacement_engine(
         # ... on an engine given the champion's merged weights before it serves.
         assert engine.weights == [merged] and engine.lora == LoRACapacity(2, 8)
         assert (await _answer(adapters, await adapters.admit("a"), "a")).startswith("echo")
+        await adapters.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_for_the_alias_held_by_a_promotion_is_answered_by_the_new_champion(
+    base_model_path: Path, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        engine = FakeEngine(model_name="base", lora_on_demand=True)
+        adapters = await _attached(
+            engine, tmp_path, weights=WeightStore(tmp_path / "weights", base_model_path)
+        )
+        for name, path in trained.items():
+            await adapters.load(name, path)
+        await adapters.set_active("a")
+        in_flight = await adapters.admit("a", follows_alias=True)
+        # A chat for the alias, routed to `a` by an experiment the promotion ends, is prepared ...
+        service = ChatService(adapters)
+        request = ChatCompletionRequest(messages=USER, max_tokens=2)
+        chat = await service.prepare_routed(request, USER)
+        assert chat.version.name == "a" and chat.follows_alias
+        chat.experiment, chat.variant = "a-vs-b", "control"
+        promotion = asyncio.create_task(adapters.set_active("b"))
+        while not adapters.gate.switching:
+            await asyncio.sleep(0.01)
+        # ... and waits at the gate with a request naming `a`, while the switch waits for `in_flight`.
+        for_alias = asyncio.create_task(service.respond(chat, request))
+        by_name = asyncio.create_task(adapters.admit("a"))
+        await asyncio.sleep(0.05)
+        assert not for_alias.done() and not by_name.done()
+        adapters.release(in_flight)
+        await promotion
+        # The alias gets the new champion, merged, outside the ended experiment ...
+        body = await for_alias
+        assert body["model"] == "b" and body["choices"][0]["message"]["content"].startswith("echo")
+        assert chat.version.name == "b" and (chat.experiment, chat.variant) == ("", "")
+        assert adapters.live.name == "b"
+        # ... while the request naming `a` gets `a`, now a delta that needs LoRA room: the one
+        # engine built (the delta of `a` over `b` has rank 4 + 16, rounded up to vLLM's 32).
+        admission = await by_name
+        assert admission.version == "a" and engine.builds == [LoRACapacity(2, 32)]
+        assert (await _answer(adapters, admission, "a")).startswith("[a]")
         await adapters.close()
 
     asyncio.run(scenario())
