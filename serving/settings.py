@@ -88,6 +88,12 @@ class EngineSettings(BaseSettings):
     lora_idle_s: float = Field(
         600, gt=0, description="on_demand: seconds without a LoRA request before LoRA is dropped."
     )
+    cpu_lora_ops: Literal["grouped", "vllm"] = Field(
+        "grouped",
+        description="CPU only. grouped: each step computes LoRA only for the tokens of requests with an "
+        "adapter, one matrix product per adapter (serving/engine/cpu_lora.py); a step without any costs "
+        "nothing. vllm: vLLM's own CPU ops, which cost every step of an engine with LoRA room.",
+    )
     max_loras: int = Field(
         4,
         ge=1,

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.engine import cpu_lora
 from serving.engine.base import (
     AdapterLoadError,
     AdapterSpec,
@@ -68,6 +69,8 @@ def configure_vllm_environment(settings: Settings, *, on_gpu: bool) -> None:
         kv_gib = settings.engine.kv_cache_space_gib
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        # Read by serving.engine.cpu_lora's vLLM plugin in the engine core process.
+        os.environ[cpu_lora.ENV] = settings.engine.cpu_lora_ops
 
 
 def initial_lora(settings: Settings, *, on_gpu: bool) -> LoRACapacity | None:

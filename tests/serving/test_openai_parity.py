@@ -96,7 +96,8 @@ CHAT_CASES: dict[str, dict[str, Any]] = {
 def vllm_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("vllm-server") / "vllm.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPCHAT_")}  # vLLM as users run it
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(base_model_path),

@@ -175,6 +175,8 @@ def test_lora_adapter_load_changes_output_and_matches_peft(
     assert long_answer and long_answer[0].usage.completion_tokens == 400
     assert long_answer[0].choices[0].finish_reason == "length"
     assert _lora_slots(live_server) == 2  # the adapter and the spare slot
+    # With loopchat's grouped CPU LoRA ops (serving/engine/cpu_lora.py), checked against peft below.
+    assert "Using GroupedPunicaWrapperCPU" in live_server.log.read_text()
     base_text, lora_text = base.choices[0].message.content, adapted.choices[0].message.content
     assert lora_text != base_text
     # The base model answers the same on the new engine.

@@ -1,0 +1,93 @@
+"""The grouped CPU LoRA ops against vLLM's own CPU ops and a token-by-token reference: same
+result for tokens with an adapter, nothing for the others, nothing at all in a step without one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm.lora.layers.utils import LoRAMapping
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from serving.engine import cpu_lora
+from serving.engine.cpu_lora_ops import GroupedPunicaWrapperCPU
+
+SLOTS, RANK, IN = 3, 8, 48
+SLICES = (48, 16, 16)  # a fused q/k/v projection
+LORA_IDS = [11, 22, None]  # slot 2 empty: vLLM's ops read the last slot for tokens without an adapter
+
+
+def _weights(seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    generator = torch.Generator().manual_seed(seed)
+    a = tuple(torch.randn(SLOTS, 1, RANK, IN, generator=generator) for _ in SLICES)
+    b = tuple(torch.randn(SLOTS, 1, size, RANK, generator=generator) for size in SLICES)
+    for tensor in (*a, *b):
+        tensor[2].zero_()
+    return a, b
+
+
+def _wrapper(cls: type, mapping: list[int], *, prefill: bool) -> PunicaWrapperCPU:
+    wrapper = cls(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    lora_mapping = LoRAMapping(tuple(mapping), tuple(mapping), is_prefill=prefill)
+    wrapper.update_metadata(lora_mapping, LORA_IDS, SLOTS, vocab_size=100)
+    return wrapper
+
+
+def _reference(x, a, b, mapping, scale):
+    out = torch.zeros(x.shape[0], sum(SLICES))
+    for row, lora_id in enumerate(mapping):
+        if lora_id == 0:
+            continue
+        slot = LORA_IDS.index(lora_id)
+        parts = [(x[row] @ a[i][slot, 0].T * scale) @ b[i][slot, 0].T for i in range(len(SLICES))]
+        out[row] = torch.cat(parts)
+    return out
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+@pytest.mark.parametrize(
+    "mapping",
+    [[0, 11, 0, 22, 11, 0], [11, 11, 11], [0, 0, 0, 0], [22]],
+    ids=["mixed", "one-adapter", "no-adapter", "single"],
+)
+def test_grouped_ops_equal_vllm_ops_and_the_per_token_reference(mapping: list[int], prefill: bool) -> None:
+    a, b = _weights(seed=len(mapping))
+    x = torch.randn(len(mapping), IN, generator=torch.Generator().manual_seed(7))
+    base = torch.randn(len(mapping), sum(SLICES), generator=torch.Generator().manual_seed(8))
+    results = {}
+    for cls in (PunicaWrapperCPU, GroupedPunicaWrapperCPU):
+        y = base.clone()
+        _wrapper(cls, mapping, prefill=prefill).add_lora_linear(y, x, a, b, 0.5, SLICES)
+        results[cls] = y
+    expected = base + _reference(x, a, b, mapping, 0.5)
+    torch.testing.assert_close(results[GroupedPunicaWrapperCPU], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[PunicaWrapperCPU], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_without_adapters_computes_nothing_even_with_weights_in_the_last_slot() -> None:
+    a, b = _weights(seed=1)
+    for tensor in (*a, *b):
+        tensor[2].normal_()  # vLLM's own ops would add these to tokens without an adapter
+    x, y = torch.randn(4, IN), torch.zeros(4, sum(SLICES))
+    wrapper = _wrapper(GroupedPunicaWrapperCPU, [0, 0, 0, 0], prefill=False)
+    wrapper.add_lora_linear(y, x, a, b, 1.0, SLICES)
+    assert not y.any()
+
+
+def test_the_plugin_changes_vllm_only_when_the_engine_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    own = CpuPlatform.get_punica_wrapper()
+    monkeypatch.setattr(CpuPlatform, "get_punica_wrapper", CpuPlatform.get_punica_wrapper)
+    monkeypatch.delenv(cpu_lora.ENV, raising=False)
+    cpu_lora.register()
+    assert CpuPlatform.get_punica_wrapper() == own == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+    monkeypatch.setenv(cpu_lora.ENV, cpu_lora.GROUPED)
+    cpu_lora.register()
+    assert CpuPlatform.get_punica_wrapper() == cpu_lora.QUALNAME
+
+
+def test_the_plugin_is_installed_for_vllm() -> None:
+    from importlib.metadata import entry_points
+
+    [plugin] = [p for p in entry_points(group="vllm.general_plugins") if p.name == "loopchat_cpu_lora"]
+    assert plugin.load() is cpu_lora.register
