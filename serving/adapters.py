@@ -300,7 +300,8 @@ class AdapterSet:
         if self._in_use[name] <= 0:
             del self._in_use[name]
             self._admitted_at.pop(name, None)
-        if name in self._requested:
+        if name in self._requested and name in self._served:
+            # Only answers given as a LoRA keep it wanted (not those of the version while live).
             self._requested[name] = time.monotonic()
 
     def serve_routed(self, names: Iterable[str]) -> None:
@@ -514,6 +515,8 @@ class AdapterSet:
                     for spec in served.values():
                         self._layer.register_adapter(spec)
                 self._served, self._live, self._live_weights = served, name, merged
+                # Live, it needs no LoRA room; once no longer live it is wanted when asked for anew.
+                self._requested.pop(live[0], None)
                 if self._engine.lora_on_demand:
                     self._fitted = frozenset(spec.name for spec in held)
             logger.info(

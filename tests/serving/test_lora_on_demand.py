@@ -200,6 +200,30 @@ def test_a_request_for_the_alias_held_by_a_promotion_is_answered_by_the_new_cham
     asyncio.run(scenario())
 
 
+def test_a_version_asked_for_by_name_then_promoted_and_replaced_is_not_kept_in_the_room(
+    base_model_path: Path, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        engine = FakeEngine(model_name="base", lora_on_demand=True)
+        store = WeightStore(tmp_path / "weights", base_model_path)
+        adapters = await _attached(engine, tmp_path, weights=store, lora_idle_s=60)
+        for name, path in trained.items():
+            await adapters.load(name, path)
+        await _answer(adapters, await adapters.admit("a"), "a")  # asked for by name, as a LoRA
+        assert adapters.lora_wanted() == {"a"}
+        await adapters.set_active("a")  # promoted: merged, needs no room ...
+        await _answer(adapters, await adapters.admit("a", follows_alias=True), "a")
+        assert adapters.lora_wanted() == frozenset()
+        # ... and once `b` replaces it, its answers as the champion do not make it wanted.
+        await adapters.set_active("b")
+        assert adapters.lora_wanted() == frozenset()
+        await adapters.fit_lora()
+        assert engine.lora is None
+        await adapters.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_switch_answers_503_with_retry_after(trained: dict[str, Path], tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, admin_token=ADMIN_TOKEN)
     engine = FakeEngine(lora_on_demand=True)
