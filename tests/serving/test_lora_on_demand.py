@@ -42,6 +42,17 @@ async def _attached(engine: FakeEngine, tmp_path: Path, **options) -> AdapterSet
     return adapters
 
 
+async def _with_versions(
+    engine: FakeEngine, tmp_path: Path, base_model_path: Path, trained: dict[str, Path], **options
+) -> AdapterSet:
+    """An AdapterSet that merges the active version, with every trained version loaded."""
+    store = WeightStore(tmp_path / "weights", base_model_path)
+    adapters = await _attached(engine, tmp_path, weights=store, **options)
+    for name, path in trained.items():
+        await adapters.load(name, path)
+    return adapters
+
+
 async def _answer(adapters: AdapterSet, admission: Admission, model: str) -> str:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
@@ -162,11 +173,7 @@ def test_a_request_for_the_alias_held_by_a_promotion_is_answered_by_the_new_cham
 ) -> None:
     async def scenario() -> None:
         engine = FakeEngine(model_name="base", lora_on_demand=True)
-        adapters = await _attached(
-            engine, tmp_path, weights=WeightStore(tmp_path / "weights", base_model_path)
-        )
-        for name, path in trained.items():
-            await adapters.load(name, path)
+        adapters = await _with_versions(engine, tmp_path, base_model_path, trained)
         await adapters.set_active("a")
         in_flight = await adapters.admit("a", follows_alias=True)
         # A chat for the alias, routed to `a` by an experiment the promotion ends, is prepared ...
@@ -205,10 +212,7 @@ def test_a_version_asked_for_by_name_then_promoted_and_replaced_is_not_kept_in_t
 ) -> None:
     async def scenario() -> None:
         engine = FakeEngine(model_name="base", lora_on_demand=True)
-        store = WeightStore(tmp_path / "weights", base_model_path)
-        adapters = await _attached(engine, tmp_path, weights=store, lora_idle_s=60)
-        for name, path in trained.items():
-            await adapters.load(name, path)
+        adapters = await _with_versions(engine, tmp_path, base_model_path, trained, lora_idle_s=60)
         await _answer(adapters, await adapters.admit("a"), "a")  # asked for by name, as a LoRA
         assert adapters.lora_wanted() == {"a"}
         await adapters.set_active("a")  # promoted: merged, needs no room ...
