@@ -269,7 +269,7 @@ class AdapterSet:
         """
         on_demand = self._engine.lora_on_demand
         for _ in range(3):
-            if follows_alias and on_demand and name in self._served and name not in self._fitted:
+            if follows_alias and self._needs_room(name):
                 name = self.active.name
             if on_demand and name in self._served:
                 if name not in self._routed and name != self._active:
@@ -286,12 +286,16 @@ class AdapterSet:
             if layer is None:
                 self.gate.leave(epoch)
                 raise EngineNotReady("the model is still loading")
-            if not on_demand or name not in self._served or name in self._fitted:
+            if not self._needs_room(name):
                 self._in_use[name] += 1
                 self._admitted_at[name] = time.monotonic()
                 return Admission(layer, epoch, name)
             self.gate.leave(epoch)  # a promotion changed what the engine holds meanwhile
         raise EngineError(f"the engine has no LoRA room for {name!r} now; retry later")
+
+    def _needs_room(self, name: str) -> bool:
+        """`name` is served as a LoRA the engine has no room for (on demand: until fit_lora)."""
+        return self._engine.lora_on_demand and name in self._served and name not in self._fitted
 
     def release(self, admission: Admission) -> None:
         self.gate.leave(admission.epoch)

@@ -18,6 +18,13 @@ def _groups(indices: torch.Tensor) -> Groups:
     return [(int(slot), torch.nonzero(indices == slot).flatten()) for slot in slots.tolist() if slot >= 0]
 
 
+def _delta(inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype):
+    """(inputs @ a^T * scale) @ b^T as vLLM's ops compute it: the shrink in float32, the expand
+    in the output's dtype."""
+    shrunk = (inputs.float() @ a.float().T) * scale
+    return shrunk.to(dtype) @ b.to(dtype).T
+
+
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     """vLLM's CPU punica wrapper with the linear and logits LoRA computed per adapter group."""
 
@@ -54,8 +61,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             inputs = x.index_select(0, rows).float()
             offset = 0
             for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-                shrunk = (inputs @ a[slot, 0].float().T) * scale
-                delta = shrunk.to(out.dtype) @ b[slot, 0, :size].to(out.dtype).T
+                delta = _delta(inputs, a[slot, 0], b[slot, 0, :size], scale, out.dtype)
                 out[:, offset : offset + size].index_add_(0, rows, delta)
                 offset += size
 
@@ -73,8 +79,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         out = y.view(-1, y.shape[-1])
         x = x.view(-1, x.shape[-1])
         for slot, rows in self._sampler_groups:
-            shrunk = (x.index_select(0, rows).float() @ lora_a_stacked[slot, 0].float().T) * scale
-            delta = shrunk.to(out.dtype) @ lora_b_stacked[slot, 0].to(out.dtype).T
+            delta = _delta(
+                x.index_select(0, rows), lora_a_stacked[slot, 0], lora_b_stacked[slot, 0], scale, out.dtype
+            )
             # The adapter's logits may be padded differently from the model's (as vLLM allows).
             width = min(delta.shape[1], out.shape[1])
             out[:, :width].index_add_(0, rows, delta[:, :width])

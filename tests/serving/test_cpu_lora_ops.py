@@ -91,3 +91,25 @@ def test_the_plugin_is_installed_for_vllm() -> None:
 
     [plugin] = [p for p in entry_points(group="vllm.general_plugins") if p.name == "loopchat_cpu_lora"]
     assert plugin.load() is cpu_lora.register
+
+
+def test_grouped_logits_equal_vllm_logits() -> None:
+    generator = torch.Generator().manual_seed(3)
+    vocab, mapping = 40, [0, 11, 22, 11]
+    a = torch.randn(SLOTS, 1, RANK, IN, generator=generator)
+    b = torch.randn(SLOTS, 1, vocab, RANK, generator=generator)
+    a[2].zero_(), b[2].zero_()
+    x, base = (
+        torch.randn(len(mapping), IN, generator=generator),
+        torch.randn(len(mapping), vocab, generator=generator),
+    )
+    results = {}
+    for cls in (PunicaWrapperCPU, GroupedPunicaWrapperCPU):
+        y = base.clone()
+        _wrapper(cls, mapping, prefill=False).add_lora_logits(y, x, a, b, 0.5)
+        results[cls] = y
+    torch.testing.assert_close(
+        results[GroupedPunicaWrapperCPU], results[PunicaWrapperCPU], rtol=1e-4, atol=1e-4
+    )
+    assert torch.equal(results[GroupedPunicaWrapperCPU][0], base[0])  # the token without an adapter
+    assert not torch.equal(results[GroupedPunicaWrapperCPU][1], base[1])
