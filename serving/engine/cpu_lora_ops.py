@@ -1,12 +1,21 @@
 """The grouped CPU LoRA ops (see serving/engine/cpu_lora.py): per step, the tokens are grouped
-by adapter slot and each group gets two matrix products per slice."""
+by adapter slot and each group gets two matrix products per slice.
+
+The per-layer entry points are torch custom ops (`torch.ops.loopchat.*`) when traced, so that a
+compiled model calls them as they are instead of baking in the step's grouping: the op reads its
+wrapper's groups of the current step at run time, as vLLM's attention ops read the forward
+context. Run eagerly, the same code is called directly (no dispatch cost).
+"""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
+from torch.library import Library
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+from vllm.utils.torch_utils import direct_register_custom_op
 
 # (adapter slot, the rows of the step's tokens that use it)
 Groups = list[tuple[int, torch.Tensor]]
@@ -25,19 +34,89 @@ def _delta(inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
     return shrunk.to(dtype) @ b.to(dtype).T
 
 
+def _add_linear(
+    groups: Groups,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scale: float,
+    slices: list[int],
+) -> None:
+    out = y.view(-1, y.shape[-1])
+    x = x.view(-1, x.shape[-1])
+    for slot, rows in groups:
+        inputs = x.index_select(0, rows).float()
+        offset = 0
+        for a, b, size in zip(lora_a, lora_b, slices, strict=True):
+            delta = _delta(inputs, a[slot, 0], b[slot, 0, :size], scale, out.dtype)
+            out[:, offset : offset + size].index_add_(0, rows, delta)
+            offset += size
+
+
+def _add_expand(groups: Groups, y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor) -> None:
+    """y += x @ B^T per group, in y's dtype; the adapter's width may differ from y's (padding)."""
+    out = y.view(-1, y.shape[-1])
+    x = x.view(-1, x.shape[-1])
+    for slot, rows in groups:
+        delta = x.index_select(0, rows).to(out.dtype) @ lora_b[slot, 0].to(out.dtype).T
+        width = min(delta.shape[1], out.shape[1])
+        out[:, :width].index_add_(0, rows, delta[:, :width])
+
+
+# The wrappers by id, for the ops (an engine has one; they go with their model).
+_WRAPPERS: weakref.WeakValueDictionary[int, GroupedPunicaWrapperCPU] = weakref.WeakValueDictionary()
+
+
+def _lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scale: float,
+    slices: list[int],
+    wrapper: int,
+) -> None:
+    _add_linear(_WRAPPERS[wrapper].step_groups, y, x, lora_a, lora_b, scale, slices)
+
+
+def _lora_embedding(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, wrapper: int) -> None:
+    _add_expand(_WRAPPERS[wrapper].step_groups, y, x, lora_b)
+
+
+def _no_output(*args: Any) -> None:
+    return None
+
+
+_LIBRARY = Library("loopchat", "FRAGMENT")
+direct_register_custom_op(
+    "lora_linear", _lora_linear, mutates_args=["y"], fake_impl=_no_output, target_lib=_LIBRARY
+)
+direct_register_custom_op(
+    "lora_embedding", _lora_embedding, mutates_args=["y"], fake_impl=_no_output, target_lib=_LIBRARY
+)
+
+
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
-    """vLLM's CPU punica wrapper with the linear and logits LoRA computed per adapter group."""
+    """vLLM's CPU punica wrapper with the linear, embedding and logits LoRA computed per adapter
+    group."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._token_groups: Groups = []
         self._sampler_groups: Groups = []
+        _WRAPPERS[id(self)] = self
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
         # Once per step, not once per layer.
         self._token_groups = _groups(self.token_lora_indices)
         self._sampler_groups = _groups(self.sampler_indices)
+
+    @property
+    def step_groups(self) -> Groups:
+        """The adapter groups of the step's tokens (rows past them, padding, are in none)."""
+        return self._token_groups
 
     def add_lora_linear(
         self,
@@ -53,17 +132,35 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     ) -> None:
         """y[:, slice i] += (x @ A_i^T * scale) @ B_i^T for each token's adapter (A_i, B_i)."""
         assert len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)
-        if not self._token_groups:
-            return
-        out = y.view(-1, y.shape[-1])
-        x = x.view(-1, x.shape[-1])
-        for slot, rows in self._token_groups:
-            inputs = x.index_select(0, rows).float()
-            offset = 0
-            for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-                delta = _delta(inputs, a[slot, 0], b[slot, 0, :size], scale, out.dtype)
-                out[:, offset : offset + size].index_add_(0, rows, delta)
-                offset += size
+        if torch.compiler.is_compiling():
+            torch.ops.loopchat.lora_linear(
+                y, x, list(lora_a_stacked), list(lora_b_stacked), scale, list(output_slices), id(self)
+            )
+        else:
+            _add_linear(
+                self._token_groups,
+                y,
+                x,
+                list(lora_a_stacked),
+                list(lora_b_stacked),
+                scale,
+                list(output_slices),
+            )
+
+    def add_lora_embedding(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        add_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """y += x @ B^T for each token's adapter (x: the adapter's A rows of the token ids)."""
+        assert add_inputs, "vLLM's embedding layer adds its LoRA to the base output"
+        if torch.compiler.is_compiling():
+            torch.ops.loopchat.lora_embedding(y, x, lora_b_stacked, id(self))
+        else:
+            _add_expand(self._token_groups, y, x, lora_b_stacked)
 
     def add_lora_logits(
         self,
@@ -76,6 +173,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         buffer: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> None:
+        # Outside the compiled model (vLLM computes logits after its forward).
         out = y.view(-1, y.shape[-1])
         x = x.view(-1, x.shape[-1])
         for slot, rows in self._sampler_groups:

@@ -71,6 +71,12 @@ def configure_vllm_environment(settings: Settings, *, on_gpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         # Read by serving.engine.cpu_lora's vLLM plugin in the engine core process.
         os.environ[cpu_lora.ENV] = settings.engine.cpu_lora_ops
+        # vLLM 0.32 cannot load its own AOT-compiled model on CPU ("'function' object has no
+        # attribute 'finalize_loading'") and compiles again at every engine start: 70-100 s on 2
+        # cores, paid by every LoRA room change too. Without AOT, torch's inductor cache is
+        # used: the engine's start-up falls to about 12 s once a shape has been compiled.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.vllm_cache_dir / "inductor"))
 
 
 def initial_lora(settings: Settings, *, on_gpu: bool) -> LoRACapacity | None:

@@ -113,3 +113,81 @@ def test_grouped_logits_equal_vllm_logits() -> None:
     )
     assert torch.equal(results[GroupedPunicaWrapperCPU][0], base[0])  # the token without an adapter
     assert not torch.equal(results[GroupedPunicaWrapperCPU][1], base[1])
+
+
+def test_grouped_embedding_equals_vllm_embedding_and_skips_tokens_without_an_adapter() -> None:
+    generator = torch.Generator().manual_seed(4)
+    hidden, mapping = 24, [0, 11, 22, 0, 11]
+    b = torch.randn(SLOTS, 1, hidden, RANK, generator=generator)
+    b[2].zero_()
+    # The adapters' A rows of each token id, as vLLM's embedding layer looks them up.
+    x = torch.randn(len(mapping), RANK, generator=generator)
+    base = torch.randn(len(mapping), hidden, generator=generator)
+    results = {}
+    for cls in (PunicaWrapperCPU, GroupedPunicaWrapperCPU):
+        y = base.clone()
+        _wrapper(cls, mapping, prefill=True).add_lora_embedding(y, x, b, add_inputs=True)
+        results[cls] = y
+    torch.testing.assert_close(
+        results[GroupedPunicaWrapperCPU], results[PunicaWrapperCPU], rtol=1e-4, atol=1e-4
+    )
+    assert torch.equal(results[GroupedPunicaWrapperCPU][[0, 3]], base[[0, 3]])
+
+
+class _ProjectionWithLoRA(torch.nn.Module):
+    """The call a vLLM LoRA linear layer makes, inside a model that gets compiled."""
+
+    def __init__(self, wrapper: PunicaWrapperCPU, a, b) -> None:
+        super().__init__()
+        self.wrapper, self.a, self.b = wrapper, a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.zeros(x.shape[0], sum(SLICES), dtype=x.dtype) + 1.0
+        self.wrapper.add_lora_linear(y, x, self.a, self.b, 0.5, SLICES)
+        return y * 2.0
+
+
+def test_a_compiled_model_reads_each_steps_adapters_at_run_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM traces a CPU model once and then runs it without guards: the ops must not bake the
+    traced step's adapter mapping into the graph. A recompile would hide a baked-in mapping here,
+    so recompiling is an error."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    a, b = _weights(seed=5)
+    first, second = [0, 11, 0, 22], [22, 22, 0, 11]
+    wrapper = _wrapper(GroupedPunicaWrapperCPU, first, prefill=False)
+    compiled = torch.compile(
+        _ProjectionWithLoRA(wrapper, a, b), backend="aot_eager", fullgraph=True, dynamic=True
+    )
+    x = torch.randn(4, IN, generator=torch.Generator().manual_seed(9))
+    for mapping in (first, second, [0, 0, 0, 0]):
+        wrapper.update_metadata(
+            LoRAMapping(tuple(mapping), tuple(mapping), is_prefill=False), LORA_IDS, SLOTS, vocab_size=100
+        )
+        expected = (1.0 + _reference(x, a, b, mapping, 0.5)) * 2.0
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_the_plugin_keeps_compiling_a_model_with_lora(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationMode
+
+    def vllm_check(cls, config) -> None:  # what vLLM 0.32's CPU platform does with LoRA
+        if config.compilation_config.mode == CompilationMode.VLLM_COMPILE:
+            config.compilation_config.mode = CompilationMode.DYNAMO_TRACE_ONCE
+        if config.lora_config is not None:
+            config.compilation_config.mode = CompilationMode.NONE
+
+    check = cpu_lora._compiling_with_lora(vllm_check)
+    for requested, lora, expected in [
+        (CompilationMode.VLLM_COMPILE, object(), CompilationMode.DYNAMO_TRACE_ONCE),
+        (CompilationMode.VLLM_COMPILE, None, CompilationMode.DYNAMO_TRACE_ONCE),
+        (CompilationMode.NONE, object(), CompilationMode.NONE),  # enforce_eager stays eager
+    ]:
+        config = SimpleNamespace(compilation_config=SimpleNamespace(mode=requested), lora_config=lora)
+        check(None, config)
+        assert config.compilation_config.mode == expected

@@ -156,6 +156,30 @@ def test_engine_defaults_follow_the_hardware(monkeypatch, tmp_path: Path, native
     assert (args.dtype, args.enforce_eager) == ("float32", True)
 
 
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_the_engine_environment_keeps_compiled_models_on_cpu(
+    monkeypatch, tmp_path: Path, on_gpu: bool
+) -> None:
+    """On CPU: loopchat's LoRA ops, and torch's inductor cache (in the data directory) instead of
+    vLLM's AOT cache, which vLLM 0.32 cannot load there. What the user set is kept."""
+    import os
+
+    from serving.engine import cpu_lora, vllm_engine
+
+    monkeypatch.setattr(os, "environ", {"PATH": "/bin"})
+    vllm_engine.configure_vllm_environment(Settings(data_dir=tmp_path), on_gpu=on_gpu)
+    cpu_only = {
+        cpu_lora.ENV: "grouped",
+        "VLLM_USE_AOT_COMPILE": "0",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path.resolve() / "cache" / "vllm" / "inductor"),
+    }
+    for name, value in cpu_only.items():
+        assert os.environ.get(name) == (None if on_gpu else value)
+    monkeypatch.setattr(os, "environ", {"VLLM_USE_AOT_COMPILE": "1"})
+    vllm_engine.configure_vllm_environment(Settings(data_dir=tmp_path), on_gpu=on_gpu)
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
+
+
 @pytest.mark.parametrize(
     ("mode", "on_gpu", "on_demand", "initial"),
     [

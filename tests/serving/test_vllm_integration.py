@@ -397,3 +397,41 @@ def test_promotion_merges_the_version_and_every_version_answers_as_peft(
         for name in adapters:
             httpx.delete(f"{url}/admin/adapters/{name}", headers=admin, timeout=60)
     assert answer("loopchat") == ("SmolLM2-135M-Instruct", expected["SmolLM2-135M-Instruct"])
+
+
+def test_a_compiled_engine_serves_an_adapter_as_peft_does(
+    base_model_path: Path, lora_adapter: Path, tmp_path: Path
+) -> None:
+    """As `make run` serves on CPU: compiled, also with LoRA (the grouped ops are custom ops the
+    trace keeps as calls), and restarted from torch's inductor cache instead of compiling again."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import start_server
+
+    server = start_server(tmp_path, base_model_path, LOOPCHAT_ENGINE__ENFORCE_EAGER="false")
+    try:
+        loaded = httpx.post(
+            f"{server.url}/admin/adapters",
+            json={"name": "lora-v1", "path": str(lora_adapter)},
+            headers=server.admin_headers,
+            timeout=120,
+        )
+        assert loaded.status_code == 201, loaded.text
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+        n = 24
+        adapted = client.chat.completions.create(
+            model="lora-v1", messages=PROMPT, temperature=0, max_tokens=n
+        )
+        assert _lora_slots(server) == 2
+        log = server.log.read_text()
+    finally:
+        server.stop()
+    engines = [line for line in log.splitlines() if "Initializing a V1 LLM engine" in line]
+    assert len(engines) == 2 and all("CompilationMode.DYNAMO_TRACE_ONCE" in line for line in engines)
+    assert "Using GroupedPunicaWrapperCPU" in log and "load failure" not in log
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    prompt_ids = tokenizer.apply_chat_template(
+        PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    expected = _hf_peft_greedy(base_model_path, lora_adapter, list(prompt_ids), n)
+    assert adapted.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
