@@ -76,7 +76,8 @@ def configure_vllm_environment(settings: Settings, *, on_gpu: bool) -> None:
         # cores, paid by every LoRA room change too. Without AOT, torch's inductor cache is
         # used: the engine's start-up falls to about 12 s once a shape has been compiled.
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.vllm_cache_dir / "inductor"))
+        inductor_cache = Path(os.environ["VLLM_CACHE_ROOT"]) / "inductor"
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
 
 
 def initial_lora(settings: Settings, *, on_gpu: bool) -> LoRACapacity | None:

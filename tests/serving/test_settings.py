@@ -160,8 +160,9 @@ def test_engine_defaults_follow_the_hardware(monkeypatch, tmp_path: Path, native
 def test_the_engine_environment_keeps_compiled_models_on_cpu(
     monkeypatch, tmp_path: Path, on_gpu: bool
 ) -> None:
-    """On CPU: loopchat's LoRA ops, and torch's inductor cache (in the data directory) instead of
-    vLLM's AOT cache, which vLLM 0.32 cannot load there. What the user set is kept."""
+    """On CPU: loopchat's LoRA ops, and torch's inductor cache (beside vLLM's, in the data
+    directory unless VLLM_CACHE_ROOT says otherwise) instead of vLLM's AOT cache, which vLLM 0.32
+    cannot load there. What the user set is kept."""
     import os
 
     from serving.engine import cpu_lora, vllm_engine
@@ -175,9 +176,10 @@ def test_the_engine_environment_keeps_compiled_models_on_cpu(
     }
     for name, value in cpu_only.items():
         assert os.environ.get(name) == (None if on_gpu else value)
-    monkeypatch.setattr(os, "environ", {"VLLM_USE_AOT_COMPILE": "1"})
+    monkeypatch.setattr(os, "environ", {"VLLM_USE_AOT_COMPILE": "1", "VLLM_CACHE_ROOT": "/cache"})
     vllm_engine.configure_vllm_environment(Settings(data_dir=tmp_path), on_gpu=on_gpu)
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == (None if on_gpu else "/cache/inductor")
 
 
 @pytest.mark.parametrize(
