@@ -828,9 +828,11 @@ def summarize(
 
 
 async def prime(base_url: str, models: Sequence[str], max_tokens: int) -> list[str]:
-    """A few sequential requests so that first-request costs stay out of the measurements."""
+    """A few sequential requests so that first-request costs stay out of the measurements. The
+    first request for an adapter waits for loopchat's engine with LoRA room, which the first time
+    on a machine includes compiling it (up to START_TIMEOUT_S)."""
     errors = []
-    async with httpx.AsyncClient(base_url=base_url, timeout=120.0, trust_env=False) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=START_TIMEOUT_S, trust_env=False) as client:
         for i, model in enumerate(models):
             rec = await stream_chat(client, model, PROMPTS[i % len(PROMPTS)], min(max_tokens, 16))
             if rec.error:

@@ -92,7 +92,8 @@ class EngineSettings(BaseSettings):
         "grouped",
         description="CPU only. grouped: each step computes LoRA only for the tokens of requests with an "
         "adapter, one matrix product per adapter (serving/engine/cpu_lora.py); a step without any costs "
-        "nothing. vllm: vLLM's own CPU ops, which cost every step of an engine with LoRA room.",
+        "nothing; an engine with LoRA stays compiled. vllm: vLLM's own CPU ops, which cost every step of "
+        "an engine with LoRA room and run it eagerly.",
     )
     max_loras: int = Field(
         4,

@@ -9,6 +9,7 @@ context. Run eagerly, the same code is called directly (no dispatch cost).
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any
 
@@ -64,8 +65,11 @@ def _add_expand(groups: Groups, y: torch.Tensor, x: torch.Tensor, lora_b: torch.
         out[:, :width].index_add_(0, rows, delta[:, :width])
 
 
-# The wrappers by id, for the ops (an engine has one; they go with their model).
+# The wrappers by key, for the ops (an engine has one; they go with their model). The key is a
+# constant of the compiled graph: numbered per process, not id(), so that the graph, and so torch's
+# compile cache entry, is the same at every engine start.
 _WRAPPERS: weakref.WeakValueDictionary[int, GroupedPunicaWrapperCPU] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
 
 
 def _lora_linear(
@@ -105,7 +109,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         super().__init__(*args, **kwargs)
         self._token_groups: Groups = []
         self._sampler_groups: Groups = []
-        _WRAPPERS[id(self)] = self
+        self._key = next(_KEYS)
+        _WRAPPERS[self._key] = self
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
@@ -134,7 +139,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         assert len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)
         if torch.compiler.is_compiling():
             torch.ops.loopchat.lora_linear(
-                y, x, list(lora_a_stacked), list(lora_b_stacked), scale, list(output_slices), id(self)
+                y, x, list(lora_a_stacked), list(lora_b_stacked), scale, list(output_slices), self._key
             )
         else:
             _add_linear(
@@ -158,7 +163,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         """y += x @ B^T for each token's adapter (x: the adapter's A rows of the token ids)."""
         assert add_inputs, "vLLM's embedding layer adds its LoRA to the base output"
         if torch.compiler.is_compiling():
-            torch.ops.loopchat.lora_embedding(y, x, lora_b_stacked, id(self))
+            torch.ops.loopchat.lora_embedding(y, x, lora_b_stacked, self._key)
         else:
             _add_expand(self._token_groups, y, x, lora_b_stacked)
 

@@ -3,6 +3,11 @@ result for tokens with an adapter, nothing for the others, nothing at all in a s
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from vllm.lora.layers.utils import LoRAMapping
@@ -11,6 +16,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from serving.engine import cpu_lora
 from serving.engine.cpu_lora_ops import GroupedPunicaWrapperCPU
 
+REPO = Path(__file__).resolve().parents[2]
 SLOTS, RANK, IN = 3, 8, 48
 SLICES = (48, 16, 16)  # a fused q/k/v projection
 LORA_IDS = [11, 22, None]  # slot 2 empty: vLLM's ops read the last slot for tokens without an adapter
@@ -191,3 +197,34 @@ def test_the_plugin_keeps_compiling_a_model_with_lora(monkeypatch: pytest.Monkey
         config = SimpleNamespace(compilation_config=SimpleNamespace(mode=requested), lora_config=lora)
         check(None, config)
         assert config.compilation_config.mode == expected
+
+
+_COMPILE_ONCE = """
+import torch
+from torch._dynamo.utils import counters
+from serving.engine.cpu_lora_ops import GroupedPunicaWrapperCPU
+from tests.serving.test_cpu_lora_ops import IN, _ProjectionWithLoRA, _weights, _wrapper
+a, b = _weights(seed=5)
+wrapper = _wrapper(GroupedPunicaWrapperCPU, [0, 11, 0, 22], prefill=False)
+torch.compile(_ProjectionWithLoRA(wrapper, a, b), backend="inductor", dynamic=True)(torch.randn(4, IN))
+print(dict(counters["inductor"]))
+"""
+
+
+def test_an_engine_start_finds_the_compiled_lora_model_in_torchs_cache(tmp_path: Path) -> None:
+    """What a compiled graph holds of a wrapper is the same in every process, so an engine with
+    LoRA starts from the inductor cache instead of compiling again (a minute and more on 2 cores)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _COMPILE_ONCE],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for _ in range(2)
+    ]
+    assert "fxgraph_cache_miss" in runs[0]
+    assert "fxgraph_cache_hit" in runs[1] and "fxgraph_cache_miss" not in runs[1]

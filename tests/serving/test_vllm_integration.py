@@ -128,6 +128,16 @@ def _hf_peft_greedy(base_model_path: Path, adapter: Path | None, prompt_ids: lis
     return out[0, len(prompt_ids) :].tolist()
 
 
+def _register(server: LiveServer, name: str, path: Path) -> httpx.Response:
+    """POST /admin/adapters: the adapter registered and loaded as version `name`."""
+    return httpx.post(
+        f"{server.url}/admin/adapters",
+        json={"name": name, "path": str(path)},
+        headers=server.admin_headers,
+        timeout=120,
+    )
+
+
 def _lora_slots(server: LiveServer) -> int:
     metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     line = next(line for line in metrics.splitlines() if line.startswith("loopchat_engine_lora_slots"))
@@ -139,12 +149,7 @@ def test_lora_adapter_load_changes_output_and_matches_peft(
 ) -> None:
     from transformers import AutoTokenizer
 
-    loaded = httpx.post(
-        f"{live_server.url}/admin/adapters",
-        json={"name": "lora-v1", "path": str(lora_adapter)},
-        headers=live_server.admin_headers,
-        timeout=120,
-    )
+    loaded = _register(live_server, "lora-v1", lora_adapter)
     assert loaded.status_code == 201, loaded.text
     listed = {m.id: m for m in client.models.list().data}
     assert listed["lora-v1"].model_extra["parent"] == "SmolLM2-135M-Instruct"
@@ -201,28 +206,14 @@ def test_lora_adapter_load_changes_output_and_matches_peft(
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="lora-v1", **kwargs)
     # ...and loading it again serves the same output.
-    assert (
-        httpx.post(
-            f"{live_server.url}/admin/adapters",
-            json={"name": "lora-v1", "path": str(lora_adapter)},
-            headers=live_server.admin_headers,
-            timeout=120,
-        ).status_code
-        == 201
-    )
+    assert _register(live_server, "lora-v1", lora_adapter).status_code == 201
     again = client.chat.completions.create(model="lora-v1", **kwargs)
     assert again.choices[0].message.content == lora_text
 
 
 def test_bad_adapter_is_refused_and_nothing_changes(live_server: LiveServer, tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
-    response = httpx.post(
-        f"{live_server.url}/admin/adapters",
-        json={"name": "broken", "path": str(tmp_path)},
-        headers=live_server.admin_headers,
-        timeout=60,
-    )
-    assert response.status_code == 400
+    assert _register(live_server, "broken", tmp_path).status_code == 400
     names = [m["id"] for m in httpx.get(f"{live_server.url}/v1/models").json()["data"]]
     assert "broken" not in names
 
@@ -410,12 +401,7 @@ def test_a_compiled_engine_serves_an_adapter_as_peft_does(
 
     server = start_server(tmp_path, base_model_path, LOOPCHAT_ENGINE__ENFORCE_EAGER="false")
     try:
-        loaded = httpx.post(
-            f"{server.url}/admin/adapters",
-            json={"name": "lora-v1", "path": str(lora_adapter)},
-            headers=server.admin_headers,
-            timeout=120,
-        )
+        loaded = _register(server, "lora-v1", lora_adapter)
         assert loaded.status_code == 201, loaded.text
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
         n = 24
