@@ -214,11 +214,12 @@ class VLLMEngine:
             await self._warmup()
         self._ready = True
         logger.info(
-            "engine ready: %s (%s, max_model_len=%d, %s)",
+            "engine ready: %s (%s, max_model_len=%d, %s, compilation %s)",
             self.model_name,
             "cuda" if self._on_gpu else "cpu",
             self._max_model_len,
             f"LoRA {self._lora.slots} x rank {self._lora.max_rank}" if self._lora else "no LoRA",
+            self._engine.vllm_config.compilation_config.mode.name,
         )
 
     def _build(self) -> AsyncLLM:

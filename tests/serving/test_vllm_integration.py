@@ -412,9 +412,10 @@ def test_a_compiled_engine_serves_an_adapter_as_peft_does(
         log = server.log.read_text()
     finally:
         server.stop()
-    engines = [line for line in log.splitlines() if "Initializing a V1 LLM engine" in line]
-    assert len(engines) == 2 and all("CompilationMode.DYNAMO_TRACE_ONCE" in line for line in engines)
-    assert "Using GroupedPunicaWrapperCPU" in log and "load failure" not in log
+    # loopchat's own log line: what vLLM's engine processes log depends on its logging settings.
+    engines = [line for line in log.splitlines() if "engine ready:" in line]
+    assert len(engines) == 2 and all("compilation DYNAMO_TRACE_ONCE" in line for line in engines)
+    assert "LoRA 2 x rank 8" in engines[1]
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
     prompt_ids = tokenizer.apply_chat_template(
         PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False
