@@ -35,34 +35,10 @@ def _delta(inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
     return shrunk.to(dtype) @ b.to(dtype).T
 
 
-def _add_linear(
-    groups: Groups,
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora_a: list[torch.Tensor],
-    lora_b: list[torch.Tensor],
-    scale: float,
-    slices: list[int],
-) -> None:
-    out = y.view(-1, y.shape[-1])
-    x = x.view(-1, x.shape[-1])
-    for slot, rows in groups:
-        inputs = x.index_select(0, rows).float()
-        offset = 0
-        for a, b, size in zip(lora_a, lora_b, slices, strict=True):
-            delta = _delta(inputs, a[slot, 0], b[slot, 0, :size], scale, out.dtype)
-            out[:, offset : offset + size].index_add_(0, rows, delta)
-            offset += size
-
-
-def _add_expand(groups: Groups, y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor) -> None:
-    """y += x @ B^T per group, in y's dtype; the adapter's width may differ from y's (padding)."""
-    out = y.view(-1, y.shape[-1])
-    x = x.view(-1, x.shape[-1])
-    for slot, rows in groups:
-        delta = x.index_select(0, rows).to(out.dtype) @ lora_b[slot, 0].to(out.dtype).T
-        width = min(delta.shape[1], out.shape[1])
-        out[:, :width].index_add_(0, rows, delta[:, :width])
+def _add_rows(out: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> None:
+    """out[rows] += delta; an adapter's width may differ from the output's (padding, as vLLM allows)."""
+    width = min(delta.shape[1], out.shape[1])
+    out[:, :width].index_add_(0, rows, delta[:, :width])
 
 
 # The wrappers by key, for the ops (an engine has one; they go with their model). The key is a
@@ -81,11 +57,24 @@ def _lora_linear(
     slices: list[int],
     wrapper: int,
 ) -> None:
-    _add_linear(_WRAPPERS[wrapper].step_groups, y, x, lora_a, lora_b, scale, slices)
+    """y[:, slice i] += (x @ A_i^T * scale) @ B_i^T for the tokens of each adapter of the step."""
+    out = y.view(-1, y.shape[-1])
+    x = x.view(-1, x.shape[-1])
+    for slot, rows in _WRAPPERS[wrapper].step_groups:
+        inputs = x.index_select(0, rows).float()
+        offset = 0
+        for a, b, size in zip(lora_a, lora_b, slices, strict=True):
+            delta = _delta(inputs, a[slot, 0], b[slot, 0, :size], scale, out.dtype)
+            out[:, offset : offset + size].index_add_(0, rows, delta)
+            offset += size
 
 
 def _lora_embedding(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, wrapper: int) -> None:
-    _add_expand(_WRAPPERS[wrapper].step_groups, y, x, lora_b)
+    """y += x @ B^T for the tokens of each adapter of the step, in y's dtype."""
+    out = y.view(-1, y.shape[-1])
+    x = x.view(-1, x.shape[-1])
+    for slot, rows in _WRAPPERS[wrapper].step_groups:
+        _add_rows(out, rows, x.index_select(0, rows).to(out.dtype) @ lora_b[slot, 0].to(out.dtype).T)
 
 
 def _no_output(*args: Any) -> None:
@@ -137,20 +126,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     ) -> None:
         """y[:, slice i] += (x @ A_i^T * scale) @ B_i^T for each token's adapter (A_i, B_i)."""
         assert len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)
-        if torch.compiler.is_compiling():
-            torch.ops.loopchat.lora_linear(
-                y, x, list(lora_a_stacked), list(lora_b_stacked), scale, list(output_slices), self._key
-            )
-        else:
-            _add_linear(
-                self._token_groups,
-                y,
-                x,
-                list(lora_a_stacked),
-                list(lora_b_stacked),
-                scale,
-                list(output_slices),
-            )
+        # Traced: the custom op, so that a compiled model calls it each step; eager: the function.
+        op = torch.ops.loopchat.lora_linear if torch.compiler.is_compiling() else _lora_linear
+        op(y, x, list(lora_a_stacked), list(lora_b_stacked), scale, list(output_slices), self._key)
 
     def add_lora_embedding(
         self,
@@ -162,10 +140,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     ) -> None:
         """y += x @ B^T for each token's adapter (x: the adapter's A rows of the token ids)."""
         assert add_inputs, "vLLM's embedding layer adds its LoRA to the base output"
-        if torch.compiler.is_compiling():
-            torch.ops.loopchat.lora_embedding(y, x, lora_b_stacked, self._key)
-        else:
-            _add_expand(self._token_groups, y, x, lora_b_stacked)
+        op = torch.ops.loopchat.lora_embedding if torch.compiler.is_compiling() else _lora_embedding
+        op(y, x, lora_b_stacked, self._key)
 
     def add_lora_logits(
         self,
@@ -185,6 +161,4 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             delta = _delta(
                 x.index_select(0, rows), lora_a_stacked[slot, 0], lora_b_stacked[slot, 0], scale, out.dtype
             )
-            # The adapter's logits may be padded differently from the model's (as vLLM allows).
-            width = min(delta.shape[1], out.shape[1])
-            out[:, :width].index_add_(0, rows, delta[:, :width])
+            _add_rows(out, rows, delta)
