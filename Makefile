@@ -31,10 +31,15 @@ test: model
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: model
-	$(VENV)/bin/python bench/serving.py
+	$(VENV)/bin/python -m bench.serving
 
+# Style (ruff check and ruff format) and the packages' dependency order (import-linter's
+# contracts in pyproject.toml).
+LINT_PATHS := loopchat serving feedback rollout retrain monitoring tests bench
 lint: install
-	$(VENV)/bin/ruff check serving feedback retrain monitoring tests bench
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .data

@@ -1,11 +1,11 @@
 """Feedback benchmark: POST /v1/feedback under chat load (SQLite, PostgreSQL); chat with logging on/off.
 
-Each scenario starts its own `python -m serving.cli serve` (the real vLLM engine on the embedded
+Each scenario starts its own `python -m loopchat.cli serve` (the real vLLM engine on the embedded
 model, the engine settings of bench/serving.py) as a subprocess on a free loopback port, with a
 fresh data directory under .data/bench/feedback/<scenario>/ (so a fresh spool) and a fresh
 database: a new SQLite file there, or the PostgreSQL database `loopchat_bench` dropped and
 created again (and dropped at the end). Servers, CPU accounting and the chat client come from
-bench/serving.py (loaded as a module), so both benchmarks start and measure servers the same way.
+bench/harness.py, so both benchmarks start and measure servers the same way.
 Server logs go to .data/bench/logs/feedback-*.log.
 
 Scenario A, ratings under chat load (once on SQLite, once on PostgreSQL):
@@ -68,7 +68,7 @@ start or died, or the script itself failed.
 A full run takes about 12 minutes (each server start is about 20 s; the on/off comparison is six
 servers with three rounds).
 
-Usage: .venv/bin/python bench/feedback.py [--duration 20] [--rating-concurrency 64]
+Usage: .venv/bin/python -m bench.feedback [--duration 20] [--rating-concurrency 64]
        [--chat-concurrency 8] [--rounds 3] [--skip-postgres] [--skip-chat-ab]
 """
 
@@ -78,7 +78,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import importlib.util
 import json
 import os
 import random
@@ -91,32 +90,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 
+from bench import harness
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_serving_bench() -> ModuleType:
-    """bench/serving.py as a module. Imported by path: run as a script, `bench/` comes first on
-    sys.path, and `import serving` would find the `serving` package or that file by accident."""
-    spec = importlib.util.spec_from_file_location("bench_serving", REPO / "bench" / "serving.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sb = _load_serving_bench()
-
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-MODEL_NAME = sb.MODEL_NAME
-MODEL_PATH = sb.MODEL_PATH
-WORK_DIR = sb.BENCH_DIR / "feedback"
-LOG_DIR = sb.LOG_DIR
+MODEL_NAME = harness.MODEL_NAME
+MODEL_PATH = harness.MODEL_PATH
+WORK_DIR = harness.BENCH_DIR / "feedback"
+LOG_DIR = harness.LOG_DIR
 DEFAULT_OUT_DIR = REPO / "bench" / "results"
 POSTGRES_ADMIN_URL = os.environ.get(
     "LOOPCHAT_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -125,7 +112,7 @@ POSTGRES_DATABASE = "loopchat_bench"
 
 RATINGS_TARGET = 1000.0  # ratings/s on SQLite, two cores
 CHAT_RATIO_TARGET = 0.98  # chat tok/s with the conversation log / without
-OTHER_CPU_MAX_PCT = sb.OTHER_CPU_MAX_PCT
+OTHER_CPU_MAX_PCT = harness.OTHER_CPU_MAX_PCT
 RATING_RAMP_S = 2.0
 POOL_CONCURRENCY = 16
 POOL_USERS = 50
@@ -168,7 +155,7 @@ def loopchat_spec(
     extra_env: dict[str, str] | None = None,
 ) -> Any:
     """bench/serving.py's loopchat server (same engine settings), on its own data dir and database."""
-    spec = sb.loopchat_spec(port)
+    spec = harness.loopchat_spec(port)
     spec.env.update(
         {
             "LOOPCHAT_DATA_DIR": str(data_dir),
@@ -180,8 +167,15 @@ def loopchat_spec(
         }
     )
     spec.command = [
-        str(VENV_PYTHON), "-m", "serving.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
+        str(VENV_PYTHON),
+        "-m",
+        "loopchat.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     return spec
 
 
@@ -343,15 +337,15 @@ class CpuSampler:
         import psutil
 
         api = engine = 0.0
-        if self.server.proc is not None:
+        if self.server.process is not None:
             with contextlib.suppress(psutil.Error):
-                root = psutil.Process(self.server.proc.pid)
+                root = psutil.Process(self.server.processess.pid)
                 api = _proc_seconds(root)
                 for child in root.children(recursive=True):
                     with contextlib.suppress(psutil.Error):
                         engine += _proc_seconds(child)
         own = os.times()
-        busy, steal = sb._system_cpu()
+        busy, steal = harness.system_cpu()
         return {
             "t": time.monotonic(),
             "api": api,
@@ -407,7 +401,9 @@ async def _make_pool(base_url: str, size: int) -> tuple[list[tuple[str, str]], l
                 user = f"user-{i % POOL_USERS}"
                 body = {
                     "model": MODEL_NAME,
-                    "messages": [{"role": "user", "content": f"{sb.PROMPTS[i % len(sb.PROMPTS)]} ({i})"}],
+                    "messages": [
+                        {"role": "user", "content": f"{harness.PROMPTS[i % len(harness.PROMPTS)]} ({i})"}
+                    ],
                     "max_tokens": POOL_MAX_TOKENS,
                     "temperature": 0,
                     "user": user,
@@ -449,7 +445,7 @@ class ChatLoad:
         self._thread.start()
         self._started.wait(10)
 
-    def stop(self, timeout: float = sb.REQUEST_TIMEOUT_S) -> None:
+    def stop(self, timeout: float = harness.REQUEST_TIMEOUT_S) -> None:
         self._stop.set()
         self._thread.join(timeout)
 
@@ -464,7 +460,7 @@ class ChatLoad:
     async def _run(self) -> None:
         n = self.concurrency
         limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
-        timeout = httpx.Timeout(sb.REQUEST_TIMEOUT_S, connect=10.0)
+        timeout = httpx.Timeout(harness.REQUEST_TIMEOUT_S, connect=10.0)
         async with httpx.AsyncClient(
             base_url=self.base_url, limits=limits, timeout=timeout, trust_env=False
         ) as client:
@@ -475,7 +471,7 @@ class ChatLoad:
                 while not self._stop.is_set():
                     # Staggered first requests, as bench/serving.py: no waves of equal requests.
                     tokens = self.max_tokens if k else max(1, -(-self.max_tokens * (i + 1) // n))
-                    rec = await sb.stream_chat(client, MODEL_NAME, sb.prompt_for(i, k), tokens)
+                    rec = await harness.stream_chat(client, MODEL_NAME, harness.prompt_for(i, k), tokens)
                     self.records.append(rec)
                     k += 1
                     if rec.error is not None:
@@ -636,9 +632,9 @@ def summarize_ratings(stats: RatingStats, t0: float, t1: float) -> dict[str, Any
         "window_s": round(duration, 2),
         "ratings_in_window": len(done),
         "ratings_s": round(len(done) / duration, 1),
-        "latency_p50_ms": _ms(sb.percentile(latency, 50)),
-        "latency_p95_ms": _ms(sb.percentile(latency, 95)),
-        "latency_p99_ms": _ms(sb.percentile(latency, 99)),
+        "latency_p50_ms": _ms(harness.percentile(latency, 50)),
+        "latency_p95_ms": _ms(harness.percentile(latency, 95)),
+        "latency_p99_ms": _ms(harness.percentile(latency, 99)),
         "latency_max_ms": _ms(max(latency)) if latency else None,
         "ok_total": len(stats.ok),
         "errors": len(stats.errors),
@@ -690,13 +686,13 @@ def server_options(args: argparse.Namespace, data_dir: Path, url: str, *, log: b
 
 def start_server(name: str, spec_kwargs: dict[str, Any], result: RunResult, quiet_wait: float) -> Any:
     result.waited_for_quiet_s = wait_for_quiet(quiet_wait) if quiet_wait > 0 else 0.0
-    port = sb.free_port()
+    port = harness.free_port()
     spec = loopchat_spec(port, **spec_kwargs)
-    server = sb.Server(spec, port, LOG_DIR / f"feedback-{name}.log")
+    server = harness.Server(spec, port, LOG_DIR / f"feedback-{name}.log")
     result.log = str(server.log_path)
     print(f"\n== {name}: starting loopchat on port {port} (log: {server.log_path})", flush=True)
     server.start()
-    result.startup_s = round(server.wait_ready(), 1)
+    result.startup_s = round(server.wait_until_ready(), 1)
     print(f"  ready after {result.startup_s:.1f} s", flush=True)
     return server
 
@@ -718,7 +714,7 @@ def ratings_scenario(database: str, args: argparse.Namespace) -> RunResult:
     try:
         options = server_options(args, data_dir, url, log=True)
         server = start_server(name, options, result, args.quiet_wait)
-        prime_errors = sb.prime_server(server, [MODEL_NAME], 64)
+        prime_errors = harness.prime_server(server, [MODEL_NAME], 64)
         began = time.monotonic()
         pool, pool_errors = asyncio.run(_make_pool(server.base_url, args.pool))
         pool_s = time.monotonic() - began
@@ -729,7 +725,7 @@ def ratings_scenario(database: str, args: argparse.Namespace) -> RunResult:
             flush=True,
         )
         if len(pool) < max(1, args.pool // 2):
-            raise sb.ServerFailure(f"could not create the completion pool: {pool_errors[:3]}")
+            raise harness.ServerFailure(f"could not create the completion pool: {pool_errors[:3]}")
 
         chat = ChatLoad(server.base_url, args.chat_concurrency, args.max_tokens, args.jitter_ms / 1000)
         chat.start()
@@ -757,7 +753,7 @@ def ratings_scenario(database: str, args: argparse.Namespace) -> RunResult:
         def on_window(edge: str) -> None:
             samples[edge] = cpu.sample()
             if edge == "start" and args.profile:
-                start_profiler(server.proc.pid, profile_path, args.duration)
+                start_profiler(server.process.pid, profile_path, args.duration)
 
         runner = asyncio.Runner(loop_factory=_new_event_loop)
         with runner:
@@ -776,9 +772,9 @@ def ratings_scenario(database: str, args: argparse.Namespace) -> RunResult:
         baseline["chat_tok_s"] = chat.tok_s(c0, c1)
         under_ratings_tok_s = chat.tok_s(t0, t1)
         if chat.error is not None:
-            raise sb.ServerFailure(f"chat load failed: {chat.error!r}")
+            raise harness.ServerFailure(f"chat load failed: {chat.error!r}")
         if not server.alive:
-            raise sb.ServerFailure("server died during the scenario")
+            raise harness.ServerFailure("server died during the scenario")
         figures = summarize_ratings(stats, t0, t1)
         figures.update(CpuSampler.split(samples["start"], samples["end"]))
         rating_cpu_s = samples["end"]["rating_client"] - samples["start"]["rating_client"]
@@ -812,25 +808,25 @@ def ratings_scenario(database: str, args: argparse.Namespace) -> RunResult:
         )
         result.figures = figures
         print(
-            f"    {figures['ratings_s']:.1f} ratings/s, p50 {sb._fmt(figures['latency_p50_ms'])} ms, "
-            f"p99 {sb._fmt(figures['latency_p99_ms'])} ms, errors {figures['errors']}; chat "
+            f"    {figures['ratings_s']:.1f} ratings/s, p50 {harness.fmt(figures['latency_p50_ms'])} ms, "
+            f"p99 {harness.fmt(figures['latency_p99_ms'])} ms, errors {figures['errors']}; chat "
             f"{under_ratings_tok_s} tok/s (without ratings {baseline['chat_tok_s']}); CPU: api "
             f"{figures['server_api_cpu_pct']}%, engine {figures['engine_cpu_pct']}%, postgres "
             f"{figures['postgres_cpu_pct']}%, rating client {figures['rating_client_cpu_pct']}% "
-            f"({sb._fmt(figures['client_us_per_rating'])} us/rating), chat client "
+            f"({harness.fmt(figures['client_us_per_rating'])} us/rating), chat client "
             f"{figures['chat_client_cpu_pct']}%, other {figures['other_cpu_pct']}%",
             flush=True,
         )
         print(
             f"    rating_event rows: {rows}, 200 responses: {figures['ok_total']} -> "
             + ("match" if figures["rows_match"] else "MISMATCH")
-            + f"; writer: {writer['batches']} batches, {sb._fmt(writer['mean_batch_records'])} "
-            f"records/batch, {sb._fmt(writer['mean_batch_ms'], 2)} ms/batch, spooled {writer['spooled']}",
+            + f"; writer: {writer['batches']} batches, {harness.fmt(writer['mean_batch_records'])} "
+            f"records/batch, {harness.fmt(writer['mean_batch_ms'], 2)} ms/batch, spooled {writer['spooled']}",
             flush=True,
         )
         if figures["error_samples"]:
             print(f"    error samples: {figures['error_samples']}")
-    except (sb.ServerFailure, httpx.HTTPError) as exc:
+    except (harness.ServerFailure, httpx.HTTPError) as exc:
         result.failure = f"{type(exc).__name__}: {exc}"
         print(f"  FAILED: {exc}")
     finally:
@@ -855,9 +851,22 @@ def start_profiler(pid: int, path: Path, duration: float) -> None:
         return
     import subprocess
 
-    command = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, int(duration) - 1)),
-               "--rate", "100", "--threads", "--nonblocking", "--format", "raw",
-               "--output", str(path)]  # fmt: skip
+    command = [
+        py_spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, int(duration) - 1)),
+        "--rate",
+        "100",
+        "--threads",
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--output",
+        str(path),
+    ]
     subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print(f"  profiling the API process into {path}")
 
@@ -871,9 +880,9 @@ def wait_for_quiet(max_wait: float, threshold_pct: float = 10.0) -> float:
     began = time.monotonic()
     cpus = os.cpu_count() or 1
     while True:
-        busy0, _ = sb._system_cpu()
+        busy0, _ = harness.system_cpu()
         time.sleep(3.0)
-        busy1, _ = sb._system_cpu()
+        busy1, _ = harness.system_cpu()
         busy_pct = 100 * (busy1 - busy0) / (3.0 * cpus)
         waited = time.monotonic() - began
         if busy_pct < threshold_pct:
@@ -899,16 +908,16 @@ def chat_ab_round(mode: str, round_index: int, args: argparse.Namespace) -> RunR
     try:
         options = server_options(args, data_dir, url, log=mode == "on")
         server = start_server(name, options, result, args.quiet_wait)
-        prime_errors = sb.prime_server(server, [MODEL_NAME], args.max_tokens)
-        scenario = sb.Scenario(f"log-{mode}", args.chat_concurrency, [MODEL_NAME], f"conversation log {mode}")
+        prime_errors = harness.prime_server(server, [MODEL_NAME], args.max_tokens)
         print(f"  {args.chat_concurrency} streaming chats, {args.chat_duration:g} s window ...", flush=True)
         # CPU over the whole scenario (warm-up, window, drain), split API process / engine.
         cpu = CpuSampler(server, rating_threads=set(), chat_threads={threading.get_native_id()})
         before = cpu.sample()
         summary = asyncio.run(
-            sb.run_scenario(
+            harness.run_scenario(
                 server.base_url,
-                scenario,
+                args.chat_concurrency,
+                models=[MODEL_NAME],
                 warmup_s=args.warmup,
                 duration_s=args.chat_duration,
                 max_tokens=args.max_tokens,
@@ -936,13 +945,13 @@ def chat_ab_round(mode: str, round_index: int, args: argparse.Namespace) -> RunR
         result.figures = summary
         print(
             f"    {summary['output_tok_s']:.1f} tok/s, {summary['requests']} requests, TTFT p50 "
-            f"{sb._fmt(summary['ttft_p50_ms'])} ms, errors {summary['errors']}; completion rows {rows} "
+            f"{harness.fmt(summary['ttft_p50_ms'])} ms, errors {summary['errors']}; completion rows {rows} "
             f"for {successful} chats ({'match' if summary['rows_match'] else 'MISMATCH'}); CPU: api "
             f"{summary['server_api_cpu_pct']}%, engine {summary['engine_cpu_pct']}%, client "
             f"{summary['client_cpu_pct']}%, other {summary['other_cpu_pct']}%",
             flush=True,
         )
-    except (sb.ServerFailure, httpx.HTTPError) as exc:
+    except (harness.ServerFailure, httpx.HTTPError) as exc:
         result.failure = f"{type(exc).__name__}: {exc}"
         print(f"  FAILED: {exc}")
     finally:
@@ -1028,16 +1037,16 @@ def rating_rows(runs: list[RunResult]) -> list[list[str]]:
                 run.database,
                 str(f["concurrency"]),
                 f"{f['ratings_s']:.1f}{target}",
-                sb._fmt(f["latency_p50_ms"]),
-                sb._fmt(f["latency_p95_ms"]),
-                sb._fmt(f["latency_p99_ms"]),
+                harness.fmt(f["latency_p50_ms"]),
+                harness.fmt(f["latency_p95_ms"]),
+                harness.fmt(f["latency_p99_ms"]),
                 str(f["errors"]),
                 f"{f['rating_event_rows']} = {f['ok_total']} " + ("yes" if f["rows_match"] else "NO"),
-                sb._fmt(f["writer"]["mean_batch_records"]),
+                harness.fmt(f["writer"]["mean_batch_records"]),
                 f"{f['chat']['tok_s_without_ratings']} / {f['chat']['tok_s_with_ratings']}",
                 f"{f['server_api_cpu_pct']} / {f['engine_cpu_pct']} / {f['postgres_cpu_pct']}",
                 clients + disturbed,
-                sb._fmt(f["client_us_per_rating"]),
+                harness.fmt(f["client_us_per_rating"]),
             ]
         )
     return rows
@@ -1068,10 +1077,10 @@ def chat_rows(runs: list[RunResult]) -> list[list[str]]:
             [
                 str(s["round"]),
                 s["mode"],
-                sb._fmt(s["output_tok_s"]),
-                sb._fmt(s["req_s"], 2),
-                sb._fmt(s["ttft_p50_ms"]),
-                sb._fmt(s["tpot_p50_ms"]),
+                harness.fmt(s["output_tok_s"]),
+                harness.fmt(s["req_s"], 2),
+                harness.fmt(s["ttft_p50_ms"]),
+                harness.fmt(s["tpot_p50_ms"]),
                 str(s["errors"]),
                 f"{s['completion_rows']} / {s['successful_chats'] if s['mode'] == 'on' else 0} "
                 + ("ok" if s["rows_match"] else "MISMATCH"),
@@ -1097,7 +1106,7 @@ def summary_rows(ratings: list[RunResult], chat: dict[str, Any] | None) -> list[
                 [
                     "ratings/s on SQLite under chat load",
                     f">= {RATINGS_TARGET:g}",
-                    f"{f['ratings_s']:.1f} (p99 {sb._fmt(f['latency_p99_ms'])} ms)",
+                    f"{f['ratings_s']:.1f} (p99 {harness.fmt(f['latency_p99_ms'])} ms)",
                     _verdict(f["ratings_s"] >= RATINGS_TARGET),
                 ]
             )
@@ -1106,7 +1115,7 @@ def summary_rows(ratings: list[RunResult], chat: dict[str, Any] | None) -> list[
                 [
                     f"ratings/s on {run.database} under chat load",
                     "(reported)",
-                    f"{f['ratings_s']:.1f} (p99 {sb._fmt(f['latency_p99_ms'])} ms)",
+                    f"{f['ratings_s']:.1f} (p99 {harness.fmt(f['latency_p99_ms'])} ms)",
                     "",
                 ]
             )
@@ -1161,7 +1170,7 @@ def markdown(
         f"- code: git {info['git_commit']}"
         + (" with uncommitted changes in serving/, feedback/ or monitoring/" if info["code_modified"] else "")
         + f"; {info['sqlalchemy']}, {info['psycopg']}, SQLite {info['sqlite']}",
-        f"- model: {MODEL_NAME} ({', '.join(f'{k}={v}' for k, v in sb.ENGINE.items())}); "
+        f"- model: {MODEL_NAME} ({', '.join(f'{k}={v}' for k, v in harness.ENGINE.items())}); "
         f"feedback: defaults (batch_size 256, flush_interval_ms 20), redact={config['redact']}"
         + "".join(f", {k}={v}" for k, v in config["server_env"].items()),
         f"- ratings: {config['rating_concurrency']} closed-loop clients (raw HTTP/1.1 keep-alive, uvloop), "
@@ -1197,19 +1206,32 @@ def markdown(
 def machine_info() -> dict[str, Any]:
     import subprocess
 
-    info = sb.machine_info()
+    info = harness.machine_info()
     info.pop("serving_code_modified", None)
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         info["code_modified"] = bool(
             subprocess.run(
-                ["git", "status", "--porcelain", "--", "serving", "feedback", "monitoring"],
-                cwd=REPO, capture_output=True, text=True, check=True,
+                [
+                    "git",
+                    "status",
+                    "--porcelain",
+                    "--",
+                    "loopchat",
+                    "serving",
+                    "feedback",
+                    "rollout",
+                    "monitoring",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout.strip()
-        )  # fmt: skip
+        )
     info.setdefault("code_modified", None)
-    info["sqlalchemy"] = sb._version("sqlalchemy")
-    info["psycopg"] = sb._version("psycopg", "psycopg-binary")
-    info["uvloop"] = sb._version("uvloop")
+    info["sqlalchemy"] = harness.dist_version("sqlalchemy")
+    info["psycopg"] = harness.dist_version("psycopg", "psycopg-binary")
+    info["uvloop"] = harness.dist_version("uvloop")
     info["sqlite"] = __import__("sqlite3").sqlite_version
     return info
 
@@ -1312,7 +1334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = {
         "timestamp": timestamp,
         "model": MODEL_NAME,
-        "engine": sb.ENGINE,
+        "engine": harness.ENGINE,
         "duration_s": args.duration,
         "rating_ramp_s": RATING_RAMP_S,
         "rating_concurrency": args.rating_concurrency,
@@ -1344,7 +1366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path.write_text(json.dumps(document, indent=2) + "\n")
     md_path.write_text(markdown(info, config, tables, chat, failures))
     print()
-    sb.render_tables(tables)
+    harness.render_tables(tables)
     print(f"\nwrote {json_path} and {md_path} ({elapsed:.0f} s)")
     if failures:
         print(f"server failure: {', '.join(r.name for r in failures)} (logs under {LOG_DIR})")

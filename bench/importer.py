@@ -14,7 +14,7 @@ ratio plain / loopchat says what validation, cleaning and the duplicate checks c
 
 Results: a table on the console and bench/results/import.{json,md}.
 
-Usage: .venv/bin/python bench/importer.py [--records 100000] [--skip-postgres]
+Usage: .venv/bin/python -m bench.importer [--records 100000] [--skip-postgres]
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from feedback.db import dialect_insert, make_engine, migrate
+from feedback.importer import import_file
+from feedback.models import Completion, Conversation
+from feedback.service import prompt_hash
 
-from feedback.db import dialect_insert, make_engine, migrate  # noqa: E402
-from feedback.importer import import_file  # noqa: E402
-from feedback.models import Completion, Conversation  # noqa: E402
-from feedback.service import prompt_hash  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 OUT = REPO / "bench" / "results"
 WORK = REPO / ".data" / "bench" / "import"
@@ -125,10 +124,16 @@ def write_csv(path: Path, rows: int, seed: int = 1) -> None:
                     [f"c{conversation}", role, _question(rng, conversation * 3 + turn), stamp, "", "", ""]
                 )
                 writer.writerow(
-                    [f"c{conversation}", "agent", _answer(rng, conversation * 3 + turn),
-                     (at + dt.timedelta(seconds=turn * 60 + 30)).isoformat(),
-                     rng.choice(["", "", "true", "false"]), rng.choice(["", "", "", "5", "1"]), ""]
-                )  # fmt: skip
+                    [
+                        f"c{conversation}",
+                        "agent",
+                        _answer(rng, conversation * 3 + turn),
+                        (at + dt.timedelta(seconds=turn * 60 + 30)).isoformat(),
+                        rng.choice(["", "", "true", "false"]),
+                        rng.choice(["", "", "", "5", "1"]),
+                        "",
+                    ]
+                )
                 written += 2
 
 
@@ -282,10 +287,13 @@ def main() -> None:
         "benchmark": "import",
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": commit.stdout.strip(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": sys.version.split()[0]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
         "results": results,
-    }  # fmt: skip
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "import.json").write_text(json.dumps(document, indent=2) + "\n")
     lines = [
@@ -307,8 +315,10 @@ def main() -> None:
     lines += ["", "| plain loader (peer, JSON lines) | records/s | loopchat / plain |", "|---|---|---|"]
     for kind in ("sqlite", "postgresql"):
         if f"{kind}/plain-jsonl" in results:
-            lines.append(f"| {kind} | {results[f'{kind}/plain-jsonl']['records_per_s']:,} | "
-                         f"{results[f'{kind}/ratio_vs_plain']} |")  # fmt: skip
+            lines.append(
+                f"| {kind} | {results[f'{kind}/plain-jsonl']['records_per_s']:,} | "
+                f"{results[f'{kind}/ratio_vs_plain']} |"
+            )
     (OUT / "import.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

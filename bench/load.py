@@ -11,43 +11,25 @@ with a comment). Afterwards it waits for the conversation log and checks what wa
 - rating rows (`rating_event`): must equal the ratings acknowledged.
 
 Results go to bench/results/load.{json,md}; the server log to .data/bench/logs/load.log.
-    .venv/bin/python bench/load.py [--clients 64] [--duration 120]
+    .venv/bin/python -m bench.load [--clients 64] [--duration 120]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-# Run as a script, bench/ comes first on sys.path, where feedback.py would shadow the package.
-if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
-    sys.path[0] = str(REPO)
-
-
-def _load(name: str) -> ModuleType:
-    """A sibling benchmark as a module (by path: `import serving` would find the package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fb = _load("feedback")
-sb = fb.sb
+from bench import feedback as fb
+from bench import harness
 
 
 @dataclass
@@ -70,9 +52,15 @@ async def client(index: int, url: str, key: str, deadline: float, args: argparse
         turn = 0
         while time.monotonic() < deadline:
             turn += 1
-            ask = [{"role": "user", "content": sb.prompt_for(index, turn)}]
-            body = {"model": "loopchat", "stream": True, "max_tokens": args.max_tokens, "temperature": 0.7,
-                    "user": user, "messages": ask}  # fmt: skip
+            ask = [{"role": "user", "content": harness.prompt_for(index, turn)}]
+            body = {
+                "model": "loopchat",
+                "stream": True,
+                "max_tokens": args.max_tokens,
+                "temperature": 0.7,
+                "user": user,
+                "messages": ask,
+            }
             tally.requests += 1
             started, first, done, completion_id = time.perf_counter(), None, False, None
             try:
@@ -108,8 +96,11 @@ async def client(index: int, url: str, key: str, deadline: float, args: argparse
             if first is not None:
                 tally.ttft.append(first - started)
             if turn % 2 == 0:
-                rating: dict[str, Any] = {"completion_id": completion_id, "user": user,
-                                          "rating": rng.choice(["up", "down"])}  # fmt: skip
+                rating: dict[str, Any] = {
+                    "completion_id": completion_id,
+                    "user": user,
+                    "rating": rng.choice(["up", "down"]),
+                }
                 if rng.random() < 0.25:
                     rating["comment"] = "<b>load</b> test comment"
                 tally.ratings += 1
@@ -149,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=harness.DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
 
     data_dir = fb.fresh_data_dir("load")
@@ -158,14 +149,20 @@ def main(argv: list[str] | None = None) -> int:
 
     migrate(database_url)
     key = create_key(database_url)
-    port = sb.free_port()
-    spec = fb.loopchat_spec(port, data_dir=data_dir, database_url=database_url, log_completions=True,
-                            redact="storage", extra_env={"LOOPCHAT_ENVIRONMENT": "production"})  # fmt: skip
-    server = sb.Server(spec, port, sb.LOG_DIR / "load.log")
+    port = harness.free_port()
+    spec = fb.loopchat_spec(
+        port,
+        data_dir=data_dir,
+        database_url=database_url,
+        log_completions=True,
+        redact="storage",
+        extra_env={"LOOPCHAT_ENVIRONMENT": "production"},
+    )
+    server = harness.Server(spec, port, harness.LOG_DIR / "load.log")
     print(f"starting loopchat on port {port} (log: {server.log_path})", flush=True)
     server.start()
     try:
-        startup = server.wait_ready()
+        startup = server.wait_until_ready()
         print(f"ready after {startup:.1f} s; {args.clients} clients for {args.duration:g} s", flush=True)
         tally, elapsed = asyncio.run(drive(server.base_url, key, args))
         completions = fb.wait_for_count(database_url, "completion", tally.answered, timeout=60)
@@ -189,22 +186,44 @@ def main(argv: list[str] | None = None) -> int:
         "errors": len(tally.errors),
         "error_samples": tally.errors[:10],
         "tokens_per_s": round(tally.tokens / elapsed, 1),
-        "ttft_p50_ms": sb._ms(sb.percentile(tally.ttft, 50)),
-        "ttft_p95_ms": sb._ms(sb.percentile(tally.ttft, 95)),
-        "latency_p95_ms": sb._ms(sb.percentile(tally.latency, 95)),
+        "ttft_p50_ms": harness.ms(harness.percentile(tally.ttft, 50)),
+        "ttft_p95_ms": harness.ms(harness.percentile(tally.ttft, 95)),
+        "latency_p95_ms": harness.ms(harness.percentile(tally.latency, 95)),
         "server_alive_after": alive,
         "server_exit_code": exit_code,
     }
-    held = (not tally.errors and completions == tally.answered == tally.requests
-            and rating_rows == tally.rated == tally.ratings)  # fmt: skip
+    held = (
+        not tally.errors
+        and completions == tally.answered == tally.requests
+        and rating_rows == tally.rated == tally.ratings
+    )
     result["verdict"] = "PASS" if held else "FAIL"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(result, indent=2) + "\n")
-    columns = ["chat requests", "answered", "completion rows", "ratings", "acknowledged", "rating rows",
-               "errors", "tok/s", "TTFT p50 / p95 ms", "verdict"]  # fmt: skip
-    values = [tally.requests, tally.answered, completions, tally.ratings, tally.rated, rating_rows,
-              len(tally.errors), result["tokens_per_s"], f"{result['ttft_p50_ms']} / {result['ttft_p95_ms']}",
-              result["verdict"]]  # fmt: skip
+    columns = [
+        "chat requests",
+        "answered",
+        "completion rows",
+        "ratings",
+        "acknowledged",
+        "rating rows",
+        "errors",
+        "tok/s",
+        "TTFT p50 / p95 ms",
+        "verdict",
+    ]
+    values = [
+        tally.requests,
+        tally.answered,
+        completions,
+        tally.ratings,
+        tally.rated,
+        rating_rows,
+        len(tally.errors),
+        result["tokens_per_s"],
+        f"{result['ttft_p50_ms']} / {result['ttft_p95_ms']}",
+        result["verdict"],
+    ]
     title = f"# Load: {args.clients} streaming chats for {result['duration_s']} s with ratings"
     lines = [
         f"{title} ({result['date']})",

@@ -13,7 +13,7 @@ are stored one after another (each waiting for its commit, as the feedback API d
 
 Results: a table on the console and bench/results/redaction.{json,md}.
 
-Usage: .venv/bin/python bench/redaction.py
+Usage: .venv/bin/python -m bench.redaction
 """
 
 from __future__ import annotations
@@ -24,18 +24,17 @@ import json
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from feedback.db import make_engine, migrate
+from feedback.log import FeedbackWriter
+from feedback.records import CompletionRecord, RatingRecord
+from feedback.redact import Redactor
+from feedback.service import record_redactor
 
-from feedback.db import make_engine, migrate  # noqa: E402
-from feedback.log import FeedbackWriter  # noqa: E402
-from feedback.redact import Redactor  # noqa: E402
-from feedback.service import record_redactor  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 OUT = REPO / "bench" / "results"
 SIZES = {"4 KiB": 4096, "64 KiB": 65536, "1 MiB": 2**20}
@@ -58,38 +57,31 @@ def timed(function, *args) -> float:
     return time.perf_counter() - started
 
 
-def completion(index: int, text: str) -> dict:
-    return {
-        "kind": "completion",
-        "id": f"chatcmpl-bench-{index:06d}",
-        "conversation_id": f"conv-{index}",
-        "user_key": "u",
-        "created_at": time.time(),
-        "model_version": "base",
-        "messages": [{"role": "user", "content": text}],
-        "prompt_hash": f"{index:064d}",
-        "response": "ok",
-        "sampling": {},
-        "prompt_tokens": 1,
-        "completion_tokens": 1,
-        "finish_reason": "stop",
-        "redacted": False,
-    }
+def completion(index: int, text: str) -> CompletionRecord:
+    return CompletionRecord(
+        id=f"chatcmpl-bench-{index:06d}",
+        conversation_id=f"conv-{index}",
+        user_key="u",
+        created_at=time.time(),
+        model_version="base",
+        messages=[{"role": "user", "content": text}],
+        prompt_hash=f"{index:064d}",
+        response="ok",
+        prompt_tokens=1,
+        completion_tokens=1,
+        finish_reason="stop",
+    )
 
 
-def rating(completion_id: str, index: int) -> dict:
-    return {
-        "kind": "rating",
-        "event_id": f"event-{index}-{time.time_ns()}",
-        "completion_id": completion_id,
-        "user_key": f"user-{index}",
-        "thumb": "up",
-        "score": None,
-        "comment": "fine",
-        "correction": None,
-        "tags": [],
-        "at": time.time(),
-    }
+def rating(completion_id: str, index: int) -> RatingRecord:
+    return RatingRecord(
+        event_id=f"event-{index}-{time.time_ns()}",
+        completion_id=completion_id,
+        user_key=f"user-{index}",
+        thumb="up",
+        comment="fine",
+        at=time.time(),
+    )
 
 
 async def ratings_under(writer: FeedbackWriter, target: str, big: str | None) -> tuple[list[float], float]:
@@ -133,8 +125,8 @@ async def writer_run(redactor: Redactor, big: str) -> dict:
         holds.clear()
         loaded, overlapped = await ratings_under(writer, "chatcmpl-bench-000000", big)
         writer.close()
-        write_only = timed(writer._write, [{**completion(5000, big), "id": "chatcmpl-bench-5000"}])
-    redact_big = timed(record_redactor(redactor), completion(1, big))
+        write_only = timed(writer._write, [completion(5000, big).row()])
+    redact_big = timed(record_redactor(redactor), completion(1, big).row())
     return {
         "writer_hold_max_ms": round(max(holds) * 1000, 2),
         "writer_hold_max_quiet_ms": round(quiet_hold * 1000, 2),

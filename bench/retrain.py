@@ -20,7 +20,7 @@ trait minus the control's, with its always-valid interval.
 
 Results: a table on the console and bench/results/retrain.{json,md}.
 
-Usage: .venv/bin/python bench/retrain.py [--sizes 1000 10000] [--selection-size 1000000]
+Usage: .venv/bin/python -m bench.retrain [--sizes 1000 10000] [--selection-size 1000000]
        [--train-steps 10] [--rounds 2] [--curve-populations facts minority_thumbs]
        [--curve-ratings 25 50 100 200] [--only stages|selection|throughput|curve]
 """
@@ -36,23 +36,21 @@ import platform
 import random
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from feedback.db import make_engine, migrate
+from feedback.models import Completion, Conversation, Preference, Rating
+from retrain.config import GateConfig, RetrainConfig, SelectionConfig, TrainingConfig
+from retrain.dataset import build_dataset
+from retrain.gate import gate, score
+from retrain.select import select_samples
+from retrain.train import train_adapter
 
-from feedback.db import make_engine, migrate  # noqa: E402
-from feedback.models import Completion, Conversation, Preference, Rating  # noqa: E402
-from retrain.config import GateConfig, RetrainConfig, SelectionConfig, TrainingConfig  # noqa: E402
-from retrain.dataset import build_dataset  # noqa: E402
-from retrain.evaluate import gate, score  # noqa: E402
-from retrain.select import select_samples  # noqa: E402
-from retrain.train import train_adapter  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 OUT = REPO / "bench" / "results"
 WORK = REPO / ".data" / "bench" / "retrain"
@@ -169,9 +167,14 @@ def fresh_db(name: str) -> str:
 
 def training_config(steps: int) -> TrainingConfig:
     return TrainingConfig(
-        max_steps=steps, learning_rate=2e-4, batch_size=8, max_length=128, lora_r=16, lora_alpha=32,
+        max_steps=steps,
+        learning_rate=2e-4,
+        batch_size=8,
+        max_length=128,
+        lora_r=16,
+        lora_alpha=32,
         early_stopping_patience=0,
-    )  # fmt: skip
+    )
 
 
 def stage_times(n: int, steps: int) -> dict[str, Any]:

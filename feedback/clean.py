@@ -26,9 +26,11 @@ import hashlib
 import html
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from feedback.redact import Redactor
 
@@ -194,3 +196,14 @@ class Cleaner:
     def _drop(self, reason: str) -> bool:
         self.report[reason] += 1
         return False
+
+
+def load_cleaning_config(path: Path | None) -> CleaningConfig:
+    """The `cleaning:` section of a retraining config file (YAML), or the defaults."""
+    if path is None:
+        return CleaningConfig()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return CleaningConfig.model_validate(data.get("cleaning") or {} if isinstance(data, dict) else data)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -87,6 +88,38 @@ def dialect_insert(connection):
     raise RuntimeError(f"unsupported database dialect {name!r}")
 
 
+def upsert(
+    connection,
+    model: type,
+    rows: list[dict[str, Any]],
+    keys: list[str],
+    updated: list[str] | None = None,
+    *,
+    newer: str | None = None,
+    returning: str | None = None,
+) -> list[Any] | None:
+    """INSERT ... ON CONFLICT (`keys`) for the conversation log, the importer and augmentation.
+
+    Updates the `updated` columns of a row that exists, only from a row at least as new as the
+    stored one when `newer` names the timestamp (a stale replay never undoes a later change);
+    without `updated`, keeps what is stored. With `returning`, that column of the rows inserted.
+    """
+    table = model.__table__  # type: ignore[attr-defined]
+    statement = dialect_insert(connection)(table)
+    if updated:
+        statement = statement.on_conflict_do_update(
+            index_elements=keys,
+            set_={name: statement.excluded[name] for name in updated},
+            where=None if newer is None else table.c[newer] <= statement.excluded[newer],
+        )
+    else:
+        statement = statement.on_conflict_do_nothing(index_elements=keys)
+    if returning is None:
+        connection.execute(statement, rows)
+        return None
+    return [row[0] for row in connection.execute(statement.returning(table.c[returning]), rows)]
+
+
 def alembic_config(url: str):
     from alembic.config import Config
 
@@ -97,7 +130,7 @@ def alembic_config(url: str):
     return config
 
 
-def current_revision(url: str) -> str | None:
+def schema_revision(url: str) -> str | None:
     """The schema revision the database is at (None for an empty database)."""
     from alembic.runtime.migration import MigrationContext
 
@@ -129,14 +162,17 @@ def migrate(url: str, revision: str = "head", *, backup: bool = True) -> Path | 
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
             target = head_revision() if revision == "head" else revision
-            old = current_revision(url) if Path(database).exists() else None
+            old = schema_revision(url) if Path(database).exists() else None
             if backup and old is not None and old != target:
                 kept = backup_sqlite(url, revision=old)
                 logger.warning(
                     "database %s is at revision %s; migrating to %s. A copy of it is kept at %s "
                     "(`loopchat db restore` brings it back)",
-                    database, old, target, kept,
-                )  # fmt: skip
+                    database,
+                    old,
+                    target,
+                    kept,
+                )
     command.upgrade(alembic_config(url), revision)
     return kept
 

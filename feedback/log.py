@@ -28,11 +28,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, or_, select, text
+from sqlalchemy import Engine, or_, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from feedback.db import dialect_insert
+from feedback.db import upsert
 from feedback.models import Completion, Conversation, Erasure, Preference, Rating, RatingEvent, pair_key
+from feedback.records import LogRecord
 from feedback.retention import user_hash
 from feedback.spool import REJECTED, BadLine, Spool, SpoolFullError, purge_rejected
 
@@ -166,7 +167,7 @@ class FeedbackWriter:
             return data
         return {**self._redact(data), REDACTED: True}
 
-    def submit(self, data: dict[str, Any]) -> concurrent.futures.Future:
+    def submit(self, record: LogRecord) -> concurrent.futures.Future:
         """Log a record without waiting; never blocks the event loop.
 
         The future resolves once the record is queued (or spooled, or dropped because the
@@ -174,6 +175,7 @@ class FeedbackWriter:
         redacted in parallel, so they may reach the queue out of order: what depends on a
         record, such as a rating of this completion, waits for its future first.
         """
+        data = record.row()
         if not self._needs_redaction(data) and self._put(Record(data)):
             done: concurrent.futures.Future = concurrent.futures.Future()
             done.set_result(None)
@@ -186,8 +188,9 @@ class FeedbackWriter:
             closing.set_result(None)
             return closing
 
-    async def submit_and_wait(self, data: dict[str, Any]) -> None:
+    async def submit_and_wait(self, record: LogRecord) -> None:
         """Log a record and return once it is committed or safely spooled."""
+        data = record.row()
         prepared = data
         if self._needs_redaction(data):  # no thread hop when there is nothing to redact
             loop = asyncio.get_running_loop()
@@ -504,11 +507,9 @@ class FeedbackWriter:
                         }
                 else:
                     raise ValueError(f"unknown record kind {kind!r}")
-            insert = dialect_insert(connection)
             if conversations:
-                _upsert(
+                upsert(
                     connection,
-                    insert,
                     Conversation,
                     list(conversations.values()),
                     ["id"],
@@ -516,14 +517,13 @@ class FeedbackWriter:
                     newer="last_active_at",
                 )
             if completions:
-                _upsert(connection, insert, Completion, completions, ["id"], None)
+                upsert(connection, Completion, completions, ["id"])
             if events:
-                _upsert(connection, insert, RatingEvent, events, ["id"], None)
+                upsert(connection, RatingEvent, events, ["id"])
             if ratings:
                 updated = ["thumb", "score", "comment", "correction", "tags", "updated_at"]
-                _upsert(
+                upsert(
                     connection,
-                    insert,
                     Rating,
                     list(ratings.values()),
                     ["completion_id", "user_key"],
@@ -532,9 +532,8 @@ class FeedbackWriter:
                 )
             if preferences:
                 updated = ["chosen_completion_id", "rejected_completion_id", "comment", "updated_at"]
-                _upsert(
+                upsert(
                     connection,
-                    insert,
                     Preference,
                     list(preferences.values()),
                     ["pair_key", "user_key"],
@@ -585,22 +584,6 @@ def _completion_row(row: dict[str, Any], at: datetime) -> dict[str, Any]:
     values["sampling"] = values["sampling"] or {}
     values["source"] = values["source"] or "live"
     return values
-
-
-def _upsert(connection, insert, model, rows, keys, updated, *, newer: str | None = None) -> None:
-    """INSERT ... ON CONFLICT: update `updated` columns, only from a row at least as new as the
-    stored one when `newer` names the timestamp (a stale replay never undoes a later change)."""
-    table: Table = model.__table__
-    statement = insert(table)
-    if updated:
-        statement = statement.on_conflict_do_update(
-            index_elements=keys,
-            set_={name: statement.excluded[name] for name in updated},
-            where=None if newer is None else table.c[newer] <= statement.excluded[newer],
-        )
-    else:
-        statement = statement.on_conflict_do_nothing(index_elements=keys)
-    connection.execute(statement, rows)
 
 
 def _time(value: float) -> datetime:

@@ -105,9 +105,15 @@ def _tombstone(engine: Engine, scope: str, before: datetime, user_key: str | Non
     with engine.begin() as connection:
         connection.execute(
             Erasure.__table__.insert(),
-            [{"scope": scope, "user_hash": user_key and user_hash(user_key), "before": before,
-              "created_at": datetime.now(UTC)}],
-        )  # fmt: skip
+            [
+                {
+                    "scope": scope,
+                    "user_hash": user_key and user_hash(user_key),
+                    "before": before,
+                    "created_at": datetime.now(UTC),
+                }
+            ],
+        )
 
 
 def purge_older_than(engine: Engine, age: timedelta, *, dry_run: bool = False) -> Deleted:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -34,15 +34,56 @@ from feedback.protocol import (
     PreferenceRequest,
     PreferenceResponse,
 )
+from feedback.records import CompletionRecord, LogRecord, PreferenceRecord, RatingRecord
 from feedback.spool import SpoolFullError
-from serving.errors import APIError, bad_request
-from serving.settings import FeedbackSettings
+from loopchat.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
+from loopchat.settings import FeedbackSettings
 
 if TYPE_CHECKING:
     from feedback.redact import Redactor
-    from serving.chat import CompletionResult, PreparedChat
 
 logger = logging.getLogger(__name__)
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class ServedChat(Protocol):
+    """What the log needs of a chat request as it was served (serving's `PreparedChat`)."""
+
+    user: str | None
+    conversation_id: str
+    version: _Named
+    experiment: str
+    variant: str
+    pair_id: str | None
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    site: str | None
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    def choice_id(self, index: int) -> str: ...
+
+    def sampling(self) -> dict[str, Any]: ...
+
+
+class ServedAnswer(Protocol):
+    """What the log needs of one answer (serving's `CompletionResult`)."""
+
+    index: int
+    text: str
+    tool_calls: list[dict[str, Any]]
+    logprobs: list[float]
+    completion_tokens: int
+    finish_reason: str | None
+    error: str | None
+    started: float
+    first_token_at: float | None
+    finished_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +164,7 @@ class FeedbackService:
 
     # -- conversation log ----------------------------------------------------------------------
 
-    def record_completion(self, chat: PreparedChat, result: CompletionResult) -> None:
+    def record_completion(self, chat: ServedChat, result: ServedAnswer) -> None:
         if not self._settings.log_completions:
             return
         mean, minimum = _logprob_stats(result.logprobs)
@@ -133,33 +174,31 @@ class FeedbackService:
         hashed = prompt_hash(chat.messages)
         completion_id = chat.choice_id(result.index)
         logged = self._writer.submit(
-            {
-                "kind": "completion",
-                "id": completion_id,
-                "conversation_id": chat.conversation_id,
-                "user_key": user_key,
-                "created_at": time.time(),
-                "model_version": chat.version.name,
-                "experiment": chat.experiment,
-                "variant": chat.variant,
-                "pair_id": chat.pair_id,
-                "messages": chat.messages,
-                "prompt_hash": hashed,
-                "response": result.text,
-                "tools": chat.tools,
-                "tool_calls": result.tool_calls or None,
-                "sampling": chat.sampling(),
-                "prompt_tokens": chat.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "latency_ms": round((finished - result.started) * 1000, 3),
-                "ttft_ms": None if first is None else round((first - result.started) * 1000, 3),
-                "finish_reason": result.finish_reason,
-                "logprob_mean": mean,
-                "logprob_min": minimum,
-                "error": result.error,
-                "redacted": False,
-                "site": chat.site,
-            }
+            CompletionRecord(
+                id=completion_id,
+                conversation_id=chat.conversation_id,
+                user_key=user_key,
+                created_at=time.time(),
+                model_version=chat.version.name,
+                experiment=chat.experiment,
+                variant=chat.variant,
+                pair_id=chat.pair_id,
+                messages=chat.messages,
+                prompt_hash=hashed,
+                response=result.text,
+                tools=chat.tools,
+                tool_calls=result.tool_calls or None,
+                sampling=chat.sampling(),
+                prompt_tokens=chat.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                latency_ms=round((finished - result.started) * 1000, 3),
+                ttft_ms=None if first is None else round((first - result.started) * 1000, 3),
+                finish_reason=result.finish_reason,
+                logprob_mean=mean,
+                logprob_min=minimum,
+                error=result.error,
+                site=chat.site,
+            )
         )
         self.recent.add(
             completion_id,
@@ -176,23 +215,22 @@ class FeedbackService:
         _check_length(request.comment, caps.max_comment_chars, "comment")
         _check_length(request.correction, caps.max_correction_chars, "correction")
         if len(request.tags) > caps.max_tags:
-            raise bad_request(f"at most {caps.max_tags} tags", param="tags")
+            raise InvalidInputError(f"at most {caps.max_tags} tags", param="tags")
         user_key = request.user or ANONYMOUS
         rated = await self._owned(request.completion_id, user_key, "completion_id", site)
         now = time.time()
         await self._store(
-            {
-                "kind": "rating",
-                "event_id": uuid.uuid4().hex,
-                "completion_id": request.completion_id,
-                "user_key": user_key,
-                "thumb": request.rating,
-                "score": request.score,
-                "comment": request.comment,
-                "correction": request.correction,
-                "tags": list(dict.fromkeys(request.tags)),
-                "at": now,
-            }
+            RatingRecord(
+                event_id=uuid.uuid4().hex,
+                completion_id=request.completion_id,
+                user_key=user_key,
+                thumb=request.rating,
+                score=request.score,
+                comment=request.comment,
+                correction=request.correction,
+                tags=list(dict.fromkeys(request.tags)),
+                at=now,
+            )
         )
         response = FeedbackResponse(
             completion_id=request.completion_id,
@@ -215,17 +253,18 @@ class FeedbackService:
         chosen = await self._owned(request.chosen_completion_id, user_key, "chosen_completion_id", site)
         rejected = await self._owned(request.rejected_completion_id, user_key, "rejected_completion_id", site)
         if chosen.prompt_hash != rejected.prompt_hash:
-            raise bad_request("the two completions answer different prompts", param="rejected_completion_id")
+            raise InvalidInputError(
+                "the two completions answer different prompts", param="rejected_completion_id"
+            )
         now = time.time()
         await self._store(
-            {
-                "kind": "preference",
-                "chosen_completion_id": request.chosen_completion_id,
-                "rejected_completion_id": request.rejected_completion_id,
-                "user_key": user_key,
-                "comment": request.comment,
-                "at": now,
-            }
+            PreferenceRecord(
+                chosen_completion_id=request.chosen_completion_id,
+                rejected_completion_id=request.rejected_completion_id,
+                user_key=user_key,
+                comment=request.comment,
+                at=now,
+            )
         )
         response = PreferenceResponse(
             chosen_completion_id=request.chosen_completion_id,
@@ -244,7 +283,7 @@ class FeedbackService:
             ref = await run_in_threadpool(self._lookup, completion_id)
         # Anonymous completions can be rated by whoever holds their (unguessable) id.
         if ref is None or ref.site != site or (ref.user_key != ANONYMOUS and ref.user_key != user_key):
-            raise APIError(404, f"No completion `{completion_id}`.", param=param, code="completion_not_found")
+            raise NotFoundError(f"No completion `{completion_id}`.", param=param, code="completion_not_found")
         if ref.logged is not None and not ref.logged.done():
             await asyncio.wrap_future(ref.logged)
         return ref
@@ -274,8 +313,7 @@ class FeedbackService:
         (or anonymous) completions; 404 when there are none, as for an unknown id."""
         turns = await run_in_threadpool(self._read_conversation, conversation_id, site, user_key)
         if not turns:
-            raise APIError(
-                404,
+            raise NotFoundError(
                 f"No conversation `{conversation_id}`.",
                 param="conversation_id",
                 code="conversation_not_found",
@@ -311,7 +349,7 @@ class FeedbackService:
                 score=r.score if r else None,
                 comment=r.comment if r else None,
                 correction=r.correction if r else None,
-            )  # fmt: skip
+            )
             for c, r in rows
         ]
 
@@ -331,13 +369,13 @@ class FeedbackService:
             return None
         return None if row is None else (row.model_version, row.experiment, row.variant)
 
-    async def _store(self, record: dict[str, Any]) -> None:
+    async def _store(self, record: LogRecord) -> None:
         try:
             await self._writer.submit_and_wait(record)
         except (QueueFullError, SpoolFullError):
             raise _unavailable() from None
         except RecordRejectedError:
-            raise APIError(409, "the rating could not be stored", code="feedback_rejected") from None
+            raise ConflictError("the rating could not be stored", code="feedback_rejected") from None
         except OSError:
             logger.exception("feedback could not be stored or spooled")
             raise _unavailable() from None
@@ -345,13 +383,12 @@ class FeedbackService:
 
 def _check_length(value: str | None, cap: int, param: str) -> None:
     if value is not None and len(value) > cap:
-        raise bad_request(f"{param} is longer than {cap} characters", param=param, code="string_too_long")
+        raise InvalidInputError(
+            f"{param} is longer than {cap} characters", param=param, code="string_too_long"
+        )
 
 
-def _unavailable() -> APIError:
-    return APIError(
-        503,
-        "Feedback storage is unavailable; retry shortly.",
-        code="feedback_unavailable",
-        headers={"Retry-After": "5"},
+def _unavailable() -> UnavailableError:
+    return UnavailableError(
+        "Feedback storage is unavailable; retry shortly.", code="feedback_unavailable", retry_after_s=5
     )

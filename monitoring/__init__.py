@@ -1,1 +1,1 @@
-"""Prometheus metrics, A/B statistics, dashboards and alert sources."""
+"""Prometheus metrics, the loop-wide gauges read from the database, dashboards and alert rules."""

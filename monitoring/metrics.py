@@ -16,17 +16,37 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app, multiprocess
 from starlette.routing import Match
-
-from serving.engine.base import ChatEngine
 
 if TYPE_CHECKING:
     from feedback.log import FeedbackWriter
 
 logger = logging.getLogger(__name__)
+
+
+class EngineStatsView(Protocol):
+    """The scheduler numbers the engine gauges read (serving's `EngineStats`)."""
+
+    running_requests: int
+    waiting_requests: int
+    unfinished_requests: int
+    kv_cache_usage: float
+    loaded_adapters: int
+    lora_slots: int
+    lora_max_rank: int
+
+
+class ObservedEngine(Protocol):
+    """What the engine gauges need of a generation engine (serving's `ChatEngine` has it)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def stats(self) -> EngineStatsView: ...
+
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Time per output token: ~5 ms on a GPU, 10-100 ms for a small model on a CPU, more under load.
@@ -126,30 +146,61 @@ class ServingMetrics:
             registry=registry,
         )
 
-    def watch_engine(self, engine: ChatEngine, live: LiveGauges) -> None:
+    def watch_engine(self, engine: ObservedEngine, live: LiveGauges) -> None:
         """Sample the engine's readiness and scheduler."""
         registry = self.registry
 
         def gauge(name: str, documentation: str, mode: str, read: Callable[[], float]) -> None:
             live.add(Gauge(name, documentation, registry=registry, multiprocess_mode=mode), read)
 
-        gauge("loopchat_engine_ready", "1 when the engine serves requests", "livemin",
-              lambda: float(engine.ready))  # fmt: skip
-        gauge("loopchat_engine_running_requests", "Requests the scheduler is running", "livesum",
-              lambda: engine.stats().running_requests)  # fmt: skip
-        gauge("loopchat_engine_waiting_requests", "Requests waiting for the scheduler", "livesum",
-              lambda: engine.stats().waiting_requests)  # fmt: skip
-        gauge("loopchat_engine_unfinished_requests",
-              "Requests the engine holds (running, waiting or streaming out)", "livesum",
-              lambda: engine.stats().unfinished_requests)  # fmt: skip
-        gauge("loopchat_engine_kv_cache_usage_ratio", "Share of the KV cache in use", "livemax",
-              lambda: engine.stats().kv_cache_usage)  # fmt: skip
-        gauge("loopchat_engine_loaded_adapters", "LoRA adapters loaded in the engine", "livemax",
-              lambda: engine.stats().loaded_adapters)  # fmt: skip
-        gauge("loopchat_engine_lora_slots", "LoRA slots the engine was built with (0: no LoRA)", "livemax",
-              lambda: engine.stats().lora_slots)  # fmt: skip
-        gauge("loopchat_engine_lora_max_rank", "Largest LoRA rank the engine was built for (0: no LoRA)",
-              "livemax", lambda: engine.stats().lora_max_rank)  # fmt: skip
+        gauge(
+            "loopchat_engine_ready",
+            "1 when the engine serves requests",
+            "livemin",
+            lambda: float(engine.ready),
+        )
+        gauge(
+            "loopchat_engine_running_requests",
+            "Requests the scheduler is running",
+            "livesum",
+            lambda: engine.stats().running_requests,
+        )
+        gauge(
+            "loopchat_engine_waiting_requests",
+            "Requests waiting for the scheduler",
+            "livesum",
+            lambda: engine.stats().waiting_requests,
+        )
+        gauge(
+            "loopchat_engine_unfinished_requests",
+            "Requests the engine holds (running, waiting or streaming out)",
+            "livesum",
+            lambda: engine.stats().unfinished_requests,
+        )
+        gauge(
+            "loopchat_engine_kv_cache_usage_ratio",
+            "Share of the KV cache in use",
+            "livemax",
+            lambda: engine.stats().kv_cache_usage,
+        )
+        gauge(
+            "loopchat_engine_loaded_adapters",
+            "LoRA adapters loaded in the engine",
+            "livemax",
+            lambda: engine.stats().loaded_adapters,
+        )
+        gauge(
+            "loopchat_engine_lora_slots",
+            "LoRA slots the engine was built with (0: no LoRA)",
+            "livemax",
+            lambda: engine.stats().lora_slots,
+        )
+        gauge(
+            "loopchat_engine_lora_max_rank",
+            "Largest LoRA rank the engine was built for (0: no LoRA)",
+            "livemax",
+            lambda: engine.stats().lora_max_rank,
+        )
 
 
 class HTTPMetricsMiddleware:

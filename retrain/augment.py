@@ -25,12 +25,13 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from feedback.db import dialect_insert
+from feedback.db import upsert
 from feedback.models import Completion, Rating
 from feedback.redact import Redactor
 from feedback.service import prompt_hash
 from retrain.config import AugmentConfig
-from retrain.evaluate import Scorer, token_f1
+from retrain.gate import Scorer
+from retrain.text_metrics import token_f1
 
 _c, _r = Completion.__table__.c, Rating.__table__.c
 _CHUNK = 900
@@ -186,12 +187,9 @@ def augment(
                 }
             )
     with engine.begin() as connection:
-        insert = dialect_insert(connection)
         if completions:
-            connection.execute(
-                insert(Completion.__table__).on_conflict_do_nothing(index_elements=["id"]), completions
-            )
+            upsert(connection, Completion, completions, ["id"])
         if copies:
-            connection.execute(insert(Rating.__table__).on_conflict_do_nothing(), copies)
+            upsert(connection, Rating, copies, ["completion_id", "user_key"])
     report["kept"] = len(completions)
     return dict(report)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from retrain.evaluate import token_f1
+from retrain.text_metrics import token_f1
 
 TERMS_FILE = Path(__file__).parent / "data" / "counterfactual_terms.yaml"
 # Refusals open the answer: phrases are looked for in its first characters only.

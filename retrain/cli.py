@@ -9,10 +9,18 @@ from typing import Annotated
 
 import typer
 
+from feedback.cli import database
+from loopchat.console import fail
 from retrain.populations import BUILT_INS
-from serving.cli_common import database, fail
 
 runs_app = typer.Typer(help="Retraining runs.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("retrain")(retrain)
+    app.add_typer(runs_app, name="runs")
+    app.command("demo")(demo)
+    app.command("simulate")(simulate)
 
 
 def retrain(
@@ -55,37 +63,38 @@ def retrain(
         retrain_config.selection.sources = ["import"]
     if paraphrases is not None:
         retrain_config.augment.paraphrases = paraphrases
-    settings, engine = database()
-    runner = RetrainRunner(settings, engine, retrain_config)
-    if if_due:
-        ready, why = due(engine, retrain_config)
-        if not ready:
-            typer.echo(f"not due: {why}")
-            engine.dispose()
-            return
-    while True:
-        if schedule:
+    with database() as (settings, engine):
+        runner = RetrainRunner(settings, engine, retrain_config)
+        if if_due:
             ready, why = due(engine, retrain_config)
             if not ready:
                 typer.echo(f"not due: {why}")
+                return
+        while True:
+            if schedule:
+                ready, why = due(engine, retrain_config)
+                if not ready:
+                    typer.echo(f"not due: {why}")
+                    time.sleep(check_every * 60)
+                    continue
+            try:
+                trigger = "import" if from_import else "schedule" if schedule or if_due else "manual"
+                run = runner.run(trigger=trigger)
+            except RetrainBusyError as exc:
+                if not schedule:
+                    raise fail(str(exc)) from exc
+                typer.echo(str(exc))
                 time.sleep(check_every * 60)
                 continue
-        try:
-            trigger = "import" if from_import else "schedule" if schedule or if_due else "manual"
-            run = runner.run(trigger=trigger)
-        except RetrainBusyError as exc:
+            typer.echo(
+                f"{run.id}: {run.status}"
+                + (f" ({run.candidate})" if run.candidate else "")
+                + (f": {run.reason}" if run.reason else "")
+            )
             if not schedule:
-                raise fail(str(exc)) from exc
-            typer.echo(str(exc))
-            time.sleep(check_every * 60)
-            continue
-        typer.echo(f"{run.id}: {run.status}" + (f" ({run.candidate})" if run.candidate else "")
-                   + (f": {run.reason}" if run.reason else ""))  # fmt: skip
-        if not schedule:
-            engine.dispose()
-            if run.status == "failed":
-                raise typer.Exit(1)
-            return
+                if run.status == "failed":
+                    raise typer.Exit(1)
+                return
 
 
 @runs_app.command("list")
@@ -97,17 +106,23 @@ def runs_list(limit: Annotated[int, typer.Option(help="Most recent runs shown.")
 
     from feedback.models import TrainingRun
 
-    _, engine = database()
-    with Session(engine) as session:
+    with database() as (_, engine), Session(engine) as session:
         runs = session.exec(
             select(TrainingRun).order_by(col(TrainingRun.started_at).desc()).limit(limit)
         ).all()
-    engine.dispose()
     table = Table("run", "status", "trigger", "method", "dataset", "candidate", "seconds", "reason")
     for run in runs:
         seconds = f"{sum(run.durations.values()):.0f}" if run.durations else "-"
-        table.add_row(run.id, run.status, run.trigger, run.method or "", run.dataset_version or "",
-                      run.candidate or "", seconds, (run.reason or "")[:80])  # fmt: skip
+        table.add_row(
+            run.id,
+            run.status,
+            run.trigger,
+            run.method or "",
+            run.dataset_version or "",
+            run.candidate or "",
+            seconds,
+            (run.reason or "")[:80],
+        )
     Console(width=160).print(table)
 
 
@@ -118,11 +133,9 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
 
     from feedback.models import TrainingRun, TrainingSample
 
-    _, engine = database()
-    with Session(engine) as session:
+    with database() as (_, engine), Session(engine) as session:
         run = session.get(TrainingRun, run_id)
         if run is None:
-            engine.dispose()
             raise fail(f"no run {run_id!r}")
         samples = session.exec(select(TrainingSample).where(TrainingSample.run_id == run_id)).all()
         body = run.model_dump(mode="json")
@@ -130,7 +143,6 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
             {"completion_id": s.completion_id, "score": round(s.score, 4), "reasons": s.reasons}
             for s in samples
         ]
-    engine.dispose()
     typer.echo(json.dumps(body, indent=2))
 
 
@@ -144,8 +156,8 @@ def demo(
     """One turn of the loop on the embedded model with simulated users of known taste."""
     from datetime import UTC, datetime
 
+    from loopchat.settings import Settings
     from retrain.demo import run_demo
-    from serving.settings import Settings
 
     settings = Settings()
     folder = data_dir or settings.data_dir / f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
@@ -182,9 +194,9 @@ def simulate(
     """Turns of the loop on the embedded model against a simulated population of known taste."""
     from datetime import UTC, datetime
 
+    from loopchat.settings import Settings
     from retrain.populations import PopulationError, load_population
     from retrain.simulate import run_simulation, simulation_config
-    from serving.settings import Settings
 
     try:
         simulated = load_population(population)

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from feedback.clean import CleaningConfig
-from serving.experiment_spec import PolicySpec
+from rollout.abstats import DecisionPolicy
 
 Method = Literal["sft", "kto", "dpo"]
 
@@ -66,9 +66,11 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     learning_rate: float | None = Field(
-        None, gt=0, description="None: from the data size (1e-3 under 100 examples, 5e-4 under 1000, else "
-        "2e-4), halved for DPO."
-    )  # fmt: skip
+        None,
+        gt=0,
+        description="None: from the data size (1e-3 under 100 examples, 5e-4 under 1000, else "
+        "2e-4), halved for DPO.",
+    )
     epochs: float | None = Field(
         None, gt=0, description="None: enough to see about `examples_seen` examples, 1 to `max_epochs`."
     )
@@ -269,7 +271,9 @@ class RetrainConfig(BaseModel):
     canary: bool = Field(True, description="Start a canary experiment for a candidate that passes the gate.")
     canary_ramp: list[float] = Field(default_factory=lambda: [5, 25, 50])
     canary_min_samples_per_stage: int = Field(200, ge=1)
-    canary_policy: PolicySpec = Field(default_factory=PolicySpec, description="The canary's decision policy.")
+    canary_policy: DecisionPolicy = Field(
+        default_factory=DecisionPolicy, description="The canary's decision policy."
+    )
     canary_metric: Literal["auto", "ratings", "choices", "both"] = Field(
         "auto",
         description="What the canary decides on (the policy's metric); auto: the kind of feedback "

@@ -143,8 +143,10 @@ def _hold_out_some(assignment: dict[str, str], keys: set[str], salt: str) -> Non
     for name, least in (("test", 3), ("validation", 10)):
         if len(keys) < least or any(assignment[k] == name for k in keys):
             continue
-        training = sorted((k for k in keys if assignment[k] == "train"),
-                          key=lambda k: hashlib.sha256(f"{salt}:{k}".encode()).hexdigest())  # fmt: skip
+        training = sorted(
+            (k for k in keys if assignment[k] == "train"),
+            key=lambda k: hashlib.sha256(f"{salt}:{k}".encode()).hexdigest(),
+        )
         if len(training) > 1:
             assignment[training[0]] = name
 

@@ -31,9 +31,17 @@ from retrain.simulate import (
 )
 
 __all__ = [
-    "MAX_AFTER_ROUNDS", "PROMPTS", "TRAIT", "DemoReport", "DemoServer", "Phase", "demo_config", "has_trait",
-    "run_demo", "scripted_rating",
-]  # fmt: skip
+    "MAX_AFTER_ROUNDS",
+    "PROMPTS",
+    "TRAIT",
+    "DemoReport",
+    "DemoServer",
+    "Phase",
+    "demo_config",
+    "has_trait",
+    "run_demo",
+    "scripted_rating",
+]
 
 
 def scripted_rating(completion_id: str, user: str, answer: str) -> dict[str, Any]:

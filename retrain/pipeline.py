@@ -29,20 +29,20 @@ from sqlalchemy import Engine, func, or_, select, update
 from sqlmodel import Session, col
 from sqlmodel import select as sqlmodel_select
 
-from feedback.importer import IMPORT_RATER
+from feedback.import_rows import IMPORT_RATER
 from feedback.models import Rating, RetrainLock, TrainingRun, TrainingSample
 from feedback.redact import Redactor
+from loopchat.settings import Settings
 from retrain.augment import Generator, augment, model_generator
 from retrain.config import Method, RetrainConfig
 from retrain.dataset import DatasetManifest, build_dataset
-from retrain.evaluate import GateResult, gate, score
+from retrain.gate import GateResult, gate, score
 from retrain.select import select_samples
 from retrain.stages import choose_method, choose_stages, follow_up
 from retrain.train import TrainResult, search_trials, train_adapter
-from serving.experiment_spec import ExperimentSpec, VariantSpec
-from serving.experiments import ExperimentService
-from serving.registry import VersionInfo, active_version, register_version
-from serving.settings import Settings
+from rollout.experiment_spec import ExperimentSpec, VariantSpec
+from rollout.experiments import ExperimentService
+from rollout.registry import Lineage, active_version, register_version
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ class RetrainRunner:
                 name=name,
                 adapter_path=final,
                 base_model=self.settings.model_name,
-                info=VersionInfo(champion, manifest.version, run_id, metrics.get("evaluation")),
+                info=Lineage(champion, manifest.version, run_id, metrics.get("evaluation")),
                 status=status,
                 reason=reason,
             )

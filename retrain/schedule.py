@@ -14,9 +14,9 @@ import logging
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from loopchat.settings import Settings
 from retrain.config import load_config
 from retrain.pipeline import RetrainBusyError, RetrainRunner, due
-from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitoring.abstats import SequentialResult, msprt
 from retrain.sim_traffic import Phase
+from rollout.abstats import SequentialResult, msprt
 
 
 @dataclass(slots=True)

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +16,10 @@ from typing import Any
 
 import httpx
 
+from loopchat.local_server import ServerProcess, free_port, loopchat_serve_command
 from retrain.populations import Population, PopulationError, feedback_fields
 
-ALIAS = "loopchat"  # serving.settings.ALIAS_MODEL
+ALIAS = "loopchat"  # loopchat.settings.ALIAS_MODEL
 MAX_TOKENS = 32
 TEMPERATURE = 0.7
 CONCURRENCY = 8
@@ -72,9 +69,7 @@ class DemoServer:
     """`loopchat serve` on a free port with the demo's data directory."""
 
     def __init__(self, data_dir: Path, base_model: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = secrets.token_urlsafe(24)
         self.database_url = f"sqlite:///{data_dir / 'loopchat.db'}"
@@ -90,33 +85,18 @@ class DemoServer:
             "LOOPCHAT_LOG_LEVEL": "warning",
         }
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(data_dir / "demo-server.log", "w")  # noqa: SIM115 (open for the server's life)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", "--port", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        self.server = ServerProcess(
+            loopchat_serve_command(sys.executable, self.port),
+            log_path=data_dir / "demo-server.log",
+            env=env,
+            name="the demo server",
+        ).start()
 
     def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the demo server exited ({self.process.returncode}); see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        raise TimeoutError("the demo server did not become ready")
+        self.server.wait_ready(f"{self.url}/readyz", timeout=timeout)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.log.close()
+        self.server.stop()
 
 
 class _Budget:

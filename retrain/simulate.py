@@ -205,9 +205,9 @@ def run_simulation(
     (default `simulation_config()`) is the first turn's; later turns start from the champion.
     """
     from feedback.db import make_engine
+    from loopchat.embedded_model import prepare
+    from loopchat.settings import Settings
     from retrain.pipeline import RetrainRunner
-    from serving.embedded_model import prepare
-    from serving.settings import Settings
 
     if isinstance(population, str):
         population = load_population(population)

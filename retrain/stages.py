@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from retrain.config import Method, RetrainConfig
 from retrain.dataset import DatasetManifest
-from retrain.evaluate import Scores, reward_auc
+from retrain.gate import Scores, reward_auc
 
 # A second stage teaches what the first did not: side-by-side choices, or thumbs and stars
 # (`source` of the examples). Correction pairs and correction labels repeat the corrections.

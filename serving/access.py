@@ -31,8 +31,8 @@ from sqlmodel import Session, col, select
 from starlette.middleware.cors import CORSMiddleware
 
 from feedback.models import ApiKey
+from loopchat.settings import AccessSettings
 from serving.errors import APIError, request_header
-from serving.settings import AccessSettings
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +175,9 @@ class KeyStore:
             row = session.exec(select(ApiKey).where(ApiKey.hash == digest)).first()
         if row is None or row.revoked_at is not None:
             return None
-        return Principal(row.id, row.site, row.kind, tuple(row.origins), row.requests_per_minute,
-                         row.max_concurrent)  # fmt: skip
+        return Principal(
+            row.id, row.site, row.kind, tuple(row.origins), row.requests_per_minute, row.max_concurrent
+        )
 
     def _read_origins(self) -> frozenset[str]:
         with Session(self._database) as session:
@@ -220,8 +221,10 @@ class Limiter:
         if bucket.inflight >= concurrent:
             raise _too_many(f"this key already has {concurrent} requests in flight", 1)
         if bucket.tokens < 1:
-            raise _too_many(f"rate limit of {per_minute} requests per minute reached",
-                            math.ceil((1 - bucket.tokens) / rate))  # fmt: skip
+            raise _too_many(
+                f"rate limit of {per_minute} requests per minute reached",
+                math.ceil((1 - bucket.tokens) / rate),
+            )
         bucket.tokens -= 1
         bucket.inflight += 1
 
@@ -285,28 +288,48 @@ class AccessMiddleware:
             return ANONYMOUS
         if not token or scheme.lower() != "bearer":
             if self.required:
-                raise APIError(401, "an API key is required: Authorization: Bearer lc-sk-…",
-                               code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                raise APIError(
+                    401,
+                    "an API key is required: Authorization: Bearer lc-sk-…",
+                    code="missing_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             return ANONYMOUS
         if not is_key_shaped(token):  # refused before the database (or the key cache) sees it
-            raise APIError(401, "invalid API key: a loopchat key is lc-sk-… or lc-pk-…, 49 characters",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise APIError(
+                401,
+                "invalid API key: a loopchat key is lc-sk-… or lc-pk-…, 49 characters",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         store: KeyStore | None = self._store_of()
         if store is None:
-            raise APIError(503, "the service is starting; retry shortly", code="not_ready",
-                           headers={"Retry-After": "5"})  # fmt: skip
+            raise APIError(
+                503, "the service is starting; retry shortly", code="not_ready", headers={"Retry-After": "5"}
+            )
         try:
             principal = await store.resolve(token)
         except SQLAlchemyError:
-            raise APIError(503, "keys cannot be checked right now; retry shortly", code="keys_unavailable",
-                           headers={"Retry-After": "5"}) from None  # fmt: skip
+            raise APIError(
+                503,
+                "keys cannot be checked right now; retry shortly",
+                code="keys_unavailable",
+                headers={"Retry-After": "5"},
+            ) from None
         if principal is None:
-            raise APIError(401, "invalid or revoked API key", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise APIError(
+                401,
+                "invalid or revoked API key",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if principal.kind == "public":
             if scope["path"] not in PUBLIC_ROUTES:
-                raise APIError(403, "a public key may only rate completions (POST /v1/feedback)",
-                               code="public_key_not_allowed")  # fmt: skip
+                raise APIError(
+                    403,
+                    "a public key may only rate completions (POST /v1/feedback)",
+                    code="public_key_not_allowed",
+                )
             origin = (request_header(scope, b"origin") or b"").decode("latin-1")
             if origin and origin not in principal.origins:
                 raise APIError(403, f"this key is not for pages on {origin}", code="origin_not_allowed")

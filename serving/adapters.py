@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loopchat.errors import AdapterLoadError, ConflictError, ModelNotFoundError
+from loopchat.names import ALIAS_MODEL, check_version_name
+from rollout.registry import read_adapter_config
 from serving.engine.base import (
-    AdapterLoadError,
     AdapterSpec,
     ChatEngine,
     EngineError,
     EngineNotReady,
     LoRACapacity,
 )
-from serving.registry import read_adapter_config
-from serving.settings import ALIAS_MODEL
 from serving.weights import Version, WeightStore
 
 if TYPE_CHECKING:
@@ -38,16 +38,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class UnknownModelError(LookupError):
-    pass
+class UnknownModelError(ModelNotFoundError):
+    """A model name this process does not serve."""
 
 
-class AdapterConflictError(ValueError):
-    pass
+class AdapterConflictError(ConflictError):
+    """A version name that is reserved or taken, or a version that is in use."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="name")
 
 
 @dataclass(frozen=True, slots=True)
-class ModelVersion:
+class LoadedVersion:
     name: str
     # None for the base model.
     adapter: AdapterSpec | None
@@ -174,11 +177,11 @@ class AdapterSet:
         max_lora_rank: int = 64,
     ) -> None:
         self._engine = engine
-        self._versions: dict[str, ModelVersion] = {}
+        self._versions: dict[str, LoadedVersion] = {}
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
         self._active = active
-        self._base = ModelVersion(engine.model_name, None, None, int(time.time()))
+        self._base = LoadedVersion(engine.model_name, None, None, int(time.time()))
         self._layer: OpenAILayer | None = None
         self._weights = weights
         self._live: str | None = None  # the version merged into the engine's weights (None: base)
@@ -226,24 +229,24 @@ class AdapterSet:
         return self._layer
 
     @property
-    def base(self) -> ModelVersion:
+    def base(self) -> LoadedVersion:
         return self._base
 
     @property
-    def active(self) -> ModelVersion:
+    def active(self) -> LoadedVersion:
         if self._active is None:
             return self._base
         return self.get(self._active)
 
     @property
-    def live(self) -> ModelVersion:
+    def live(self) -> LoadedVersion:
         """The version whose weights the engine holds (served without LoRA)."""
         return self._base if self._live is None else self.get(self._live)
 
-    def versions(self) -> list[ModelVersion]:
+    def versions(self) -> list[LoadedVersion]:
         return [self._base, *self._versions.values()]
 
-    def get(self, name: str) -> ModelVersion:
+    def get(self, name: str) -> LoadedVersion:
         if name == self._base.name:
             return self._base
         try:
@@ -251,7 +254,7 @@ class AdapterSet:
         except KeyError:
             raise UnknownModelError(name) from None
 
-    def resolve(self, requested: str | None) -> ModelVersion:
+    def resolve(self, requested: str | None) -> LoadedVersion:
         """The version that serves a request naming `requested` (None or the alias: active)."""
         if requested is None or requested == ALIAS_MODEL:
             return self.active
@@ -537,17 +540,16 @@ class AdapterSet:
             await self._engine.add_adapter(spec)
 
     @staticmethod
-    def _version_of(version: ModelVersion) -> Version:
+    def _version_of(version: LoadedVersion) -> Version:
         return version.name, version.adapter.path if version.adapter is not None else None
 
-    async def load(self, name: str, path: Path, *, parent: str | None = None) -> ModelVersion:
-        if name in (ALIAS_MODEL, self._base.name):
-            raise AdapterConflictError(f"{name!r} is reserved")
+    async def load(self, name: str, path: Path, *, parent: str | None = None) -> LoadedVersion:
+        check_version_name(name, base_name=self._base.name)
         async with self._lock:
             if name in self._versions:
                 raise AdapterConflictError(f"adapter {name!r} is already loaded")
             spec = AdapterSpec(name=name, path=path.expanduser().resolve(), engine_id=next(self._ids))
-            version = ModelVersion(name, spec, parent or self._base.name, int(time.time()))
+            version = LoadedVersion(name, spec, parent or self._base.name, int(time.time()))
             served = spec
             if self._weights is not None:
                 # Over merged weights: the version's delta to them (over the base: its own adapter).

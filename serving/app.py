@@ -16,6 +16,7 @@ from feedback.db import make_engine, migrate
 from feedback.log import FeedbackWriter
 from feedback.service import FeedbackService, record_redactor
 from feedback.spool import adopt_orphaned_spools, worker_spool_dir
+from loopchat.settings import Settings, get_settings
 from monitoring.loop_stats import LoopMetrics
 from monitoring.metrics import (
     ExperimentMetrics,
@@ -27,18 +28,18 @@ from monitoring.metrics import (
     mark_process_dead,
     multiprocess_dir,
 )
+from rollout.evaluator import ExperimentEvaluator
+from rollout.experiments import ExperimentService
 from serving.access import AccessMiddleware, KeyOriginsCORS, KeyStore
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
 from serving.errors import BodySizeLimit, document_errors, install_error_handlers
-from serving.experiments import ExperimentService
 from serving.openai_layer import build_openai_layer, serve_arguments
+from serving.registry_sync import RegistryWatcher, bootstrap_registry
 from serving.router import ABRouter
 from serving.routes import admin, chat, completions, experiments, health, models, ui
 from serving.routes import feedback as feedback_routes
-from serving.settings import Settings, get_settings
-from serving.watcher import ExperimentEvaluator, RegistryWatcher, bootstrap_registry
 from serving.weights import WeightStore
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,10 @@ def create_app(
             database, app.state.adapters, router, ab_metrics, poll_interval=settings.ab.poll_interval_s
         )
         app.state.evaluator = ExperimentEvaluator(
-            app.state.experiments, app.state.watcher, ab_metrics, interval=settings.ab.evaluation_interval_s
+            app.state.experiments,
+            ab_metrics,
+            on_decision=app.state.watcher.sync,
+            interval=settings.ab.evaluation_interval_s,
         )
         app.state.registry_synced = False
         app.state.chat = ChatService(

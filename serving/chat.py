@@ -17,12 +17,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from loopchat.names import ALIAS_MODEL
+from loopchat.settings import LimitsSettings
 from monitoring.metrics import NO_VARIANT
-from serving.adapters import AdapterSet, Admission, ModelVersion, UnknownModelError
+from serving.adapters import AdapterSet, Admission, LoadedVersion
 from serving.chat_protocol import ChatCompletionRequest
 from serving.errors import APIError, bad_request, vllm_call, vllm_error
 from serving.openai_layer import ChoiceTrace, OpenAILayer, RequestTrace
-from serving.settings import ALIAS_MODEL, LimitsSettings
 
 if TYPE_CHECKING:
     from monitoring.metrics import ServingMetrics
@@ -37,7 +38,7 @@ class PreparedChat:
 
     completion_id: str
     conversation_id: str
-    version: ModelVersion
+    version: LoadedVersion
     created: int
     messages: list[dict[str, Any]] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
@@ -214,15 +215,7 @@ class ChatService:
         requested = model if model is not None else request.model
         if route is not None:
             requested = route.version
-        try:
-            version = self._adapters.resolve(requested)
-        except UnknownModelError:
-            raise APIError(
-                404,
-                f"The model `{requested}` does not exist.",
-                param="model",
-                code="model_not_found",
-            ) from None
+        version = self._adapters.resolve(requested)  # a name not served: ModelNotFoundError (404)
         messages = logged_messages(raw_messages)
         self._check_limits(request, messages)
         metadata = request.metadata or {}

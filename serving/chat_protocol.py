@@ -15,7 +15,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 )
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VLLMCompletionRequest
 
-from serving.settings import ALIAS_MODEL
+from loopchat.names import ALIAS_MODEL
 
 MAX_METADATA_KEYS = 16
 # OpenAI documents `seed` as a signed 64-bit integer (vLLM validates the range).

@@ -1,4 +1,4 @@
-"""The `loopchat` command line."""
+"""`loopchat serve`, `model ...` and `keys ...`: the server, its base model and its API keys."""
 
 from __future__ import annotations
 
@@ -8,29 +8,21 @@ from typing import Annotated
 
 import typer
 
-from retrain.cli import demo, retrain, runs_app, simulate
-from serving.cli_common import database, database_failure, fail, setup_logging
-from serving.cli_import import import_transcripts, imports_app
-from serving.cli_keys import keys_app
-from serving.cli_registry import ab_app, adapters_app
+from feedback.cli import database
+from loopchat.console import fail, setup_logging
 
-app = typer.Typer(help="loopchat: chat serving with a feedback loop.", no_args_is_help=True)
 model_app = typer.Typer(help="The base model.", no_args_is_help=True)
-app.add_typer(model_app, name="model")
-db_app = typer.Typer(help="The conversation and feedback database.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-app.add_typer(adapters_app, name="adapters")
-app.add_typer(ab_app, name="ab")
-app.add_typer(keys_app, name="keys")
-app.add_typer(runs_app, name="runs")
-app.add_typer(imports_app, name="imports")
-app.command("import")(import_transcripts)
-app.command("retrain")(retrain)
-app.command("demo")(demo)
-app.command("simulate")(simulate)
+keys_app = typer.Typer(
+    help="API keys for the /v1 routes (shown once at creation, stored as hashes).", no_args_is_help=True
+)
 
 
-@app.command()
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.add_typer(model_app, name="model")
+    app.add_typer(keys_app, name="keys")
+
+
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (LOOPCHAT_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (LOOPCHAT_PORT).")] = None,
@@ -46,14 +38,18 @@ def serve(
     """Serve the OpenAI-compatible API on the configured model."""
     import uvicorn
 
+    from loopchat.settings import Settings
     from serving.app import create_app
-    from serving.settings import Settings
 
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = Settings(**overrides)
     setup_logging(settings.log_level)
-    options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
-               "timeout_graceful_shutdown": 30}  # fmt: skip
+    options = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": 30,
+    }
     if workers == 1:
         app = create_app(settings)
         server = uvicorn.Server(uvicorn.Config(app, **options))
@@ -83,8 +79,8 @@ def model_prepare(
     force: Annotated[bool, typer.Option(help="Convert again even if already prepared.")] = False,
 ) -> None:
     """Convert the embedded SmolLM2-135M-Instruct GGUF into a servable model folder (once)."""
-    from serving.embedded_model import EmbeddedModelError, is_prepared, prepare
-    from serving.settings import Settings
+    from loopchat.embedded_model import EmbeddedModelError, is_prepared, prepare
+    from loopchat.settings import Settings
 
     settings = Settings()
     setup_logging(settings.log_level)
@@ -104,147 +100,98 @@ def model_prepare(
     typer.echo(f"model ready: {target}")
 
 
-@db_app.command("upgrade")
-def db_upgrade() -> None:
-    """Apply the database migrations (the server also does this at start-up).
-
-    A SQLite file is copied beside itself first (named with its old revision).
-    """
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from feedback.db import ForeignKeyViolation, current_revision, migrate
-    from serving.settings import Settings
-
-    settings = Settings()
-    setup_logging("warning")
-    try:
-        before = current_revision(settings.db_url)
-        kept = migrate(settings.db_url)
-        after = current_revision(settings.db_url)
-    except SQLAlchemyError as exc:
-        raise database_failure(settings.db_url, exc) from exc
-    except ForeignKeyViolation as exc:
-        raise fail(str(exc)) from exc
-    if kept is not None:
-        typer.echo(f"kept a copy of revision {before} at {kept}")
-    typer.echo(f"database at revision {after}" + (f" (was {before})" if before != after else ""))
-
-
-@db_app.command("restore")
-def db_restore(
-    backup: Annotated[
-        Path | None, typer.Argument(help="The backup file; default: the newest one beside the database.")
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="What the key is for (shown in `keys list`).")],
+    site: Annotated[
+        str | None,
+        typer.Option(
+            help="The site (of an existing key) this key joins: a site's keys share its "
+            "conversations. Needed with --public; default: a new site."
+        ),
     ] = None,
-    list_only: Annotated[bool, typer.Option("--list", help="List the backups; restore nothing.")] = False,
+    public: Annotated[
+        bool, typer.Option("--public", help="A key for web pages (the rating widget): it may only rate.")
+    ] = False,
+    origin: Annotated[
+        list[str] | None, typer.Option(help="With --public: an origin of the pages that use it (repeatable).")
+    ] = None,
+    rpm: Annotated[
+        int | None, typer.Option(min=1, help="Requests per minute (default: the service's).")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Requests in flight (default: the service's).")
+    ] = None,
 ) -> None:
-    """Bring back a SQLite backup kept by an upgrade (stop the server first).
+    """Create a key and print it once: it is stored only as a hash."""
+    from serving.access import create_key
 
-    The database as it is now is kept as a backup too, so a restore can be undone.
-    """
-    import sqlite3
-
-    from feedback.db import list_backups, restore_sqlite
-    from serving.settings import Settings
-
-    settings = Settings()
-    setup_logging("warning")
-    try:
-        backups = list_backups(settings.db_url)
-    except ValueError as exc:
-        raise fail(str(exc)) from exc
-    if list_only:
-        for path in backups:
-            typer.echo(str(path))
-        return
-    if backup is None:
-        if not backups:
-            raise fail(f"no backups beside {settings.db_url.removeprefix('sqlite:///')}")
-        backup = backups[-1]
-    try:
-        replaced = restore_sqlite(settings.db_url, backup)
-    except (OSError, ValueError, sqlite3.Error) as exc:
-        raise fail(str(exc)) from exc
-    if replaced is not None:
-        typer.echo(f"kept the replaced database at {replaced}")
-    typer.echo(f"restored {backup}")
-
-
-@db_app.command("purge")
-def db_purge(
-    older_than: Annotated[str, typer.Option(help="Age to keep, e.g. 90d, 12h, 2w.")],
-    dry_run: Annotated[bool, typer.Option(help="Count what would be deleted; delete nothing.")] = False,
-) -> None:
-    """Delete completions (with their ratings) and conversations older than a cut-off.
-
-    Also spool/rejected/ files older than it; spooled records older than it are dropped on replay.
-    """
-    from feedback.retention import parse_duration, purge_older_than
-
-    try:
-        age = parse_duration(older_than)
-    except ValueError as exc:
-        raise fail(str(exc)) from exc
-    from feedback.spool import purge_rejected
-
-    settings, engine = database()
-    deleted = purge_older_than(engine, age, dry_run=dry_run)
-    engine.dispose()
-    rejected = purge_rejected(settings.spool_dir, age.total_seconds(), dry_run=dry_run)
-    typer.echo(f"{'would delete' if dry_run else 'deleted'}: {deleted}, {rejected} rejected spool files")
-
-
-@db_app.command("delete-user")
-def db_delete_user(
-    user: Annotated[str, typer.Argument(help="The user key (the chat requests' `user` field).")],
-    dry_run: Annotated[bool, typer.Option(help="Count what would be deleted; delete nothing.")] = False,
-) -> None:
-    """Erase one user's conversations, completions and ratings (also from spool/rejected/).
-
-    A tombstone is kept (a hash of the key), so records of theirs still spooled on a replica
-    during an outage are dropped when replayed instead of bringing the user back.
-    """
-    from feedback.retention import delete_user
-
-    if not user:
-        raise fail("a user key is required")
-    from feedback.spool import erase_user_from_rejected
-
-    settings, engine = database()
-    deleted = delete_user(engine, user, dry_run=dry_run)
-    engine.dispose()
-    rejected = erase_user_from_rejected(settings.spool_dir, user, dry_run=dry_run)
-    typer.echo(f"{'would delete' if dry_run else 'deleted'}: {deleted}, {rejected} rejected spool records")
-
-
-@app.command("export")
-def export(
-    format: Annotated[str, typer.Option("--format", help="sft, kto or dpo (TRL dataset formats).")],
-    out: Annotated[Path, typer.Option(help="Output file (JSON lines).")],
-    since: Annotated[str | None, typer.Option(help="Only ratings from the last 30d, 12h, ...")] = None,
-    model_version: Annotated[str | None, typer.Option(help="Only completions of this version.")] = None,
-    metadata: Annotated[bool, typer.Option(help="Add completion ids and versions to each row.")] = False,
-) -> None:
-    """Export ratings as redacted training data."""
-    from datetime import UTC, datetime
-
-    from feedback.export import FORMATS, ExportFilter, export_jsonl
-    from feedback.redact import Redactor
-    from feedback.retention import parse_duration
-
-    if format not in FORMATS:
-        raise fail(f"--format must be one of {', '.join(FORMATS)}")
-    where = ExportFilter(model_version=model_version)
-    if since is not None:
+    with database() as (_, engine):
         try:
-            where.since = datetime.now(UTC) - parse_duration(since)
+            kind = "public" if public else "secret"
+            row, token = create_key(
+                engine,
+                name,
+                site=site,
+                kind=kind,
+                origins=origin,
+                requests_per_minute=rpm,
+                max_concurrent=concurrency,
+            )
         except ValueError as exc:
             raise fail(str(exc)) from exc
-    settings, engine = database()
-    redactor = Redactor(settings.feedback.custom_patterns)
-    count = export_jsonl(engine, format, out, redactor, where, metadata=metadata)  # type: ignore[arg-type]
-    engine.dispose()
-    typer.echo(f"wrote {count} {format} examples to {out}")
+    typer.echo(f"{row.id} ({row.kind}, site {row.site}): {token}")
+    typer.echo("Store it now: it cannot be shown again.", err=True)
 
 
-if __name__ == "__main__":
-    app()
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every key: id, name, site, kind, prefix, origins, limits, created, revoked."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from serving.access import list_keys
+
+    with database() as (_, engine):
+        rows = list_keys(engine)
+    table = Table(
+        "id",
+        "name",
+        "site",
+        "kind",
+        "prefix",
+        "origins",
+        "rpm",
+        "concurrency",
+        "created (UTC)",
+        "revoked (UTC)",
+    )
+    for row in rows:
+        table.add_row(
+            row.id,
+            row.name,
+            row.site,
+            row.kind,
+            row.prefix + "…",
+            " ".join(row.origins),
+            str(row.requests_per_minute or "default"),
+            str(row.max_concurrent or "default"),
+            f"{row.created_at:%Y-%m-%d %H:%M}",
+            f"{row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "",
+        )
+    Console(width=160).print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (key_…), from `keys list`.")],
+) -> None:
+    """Revoke a key; every replica refuses it within `access.key_cache_s` (30 s by default)."""
+    from serving.access import revoke_key
+
+    with database() as (_, engine):
+        try:
+            row = revoke_key(engine, key_id)
+        except LookupError:
+            raise fail(f"no key {key_id!r}") from None
+    typer.echo(f"revoked {row.id} ({row.name}) at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC")

@@ -14,15 +14,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 
 from feedback.service import FeedbackService
+from loopchat.settings import Settings
 from monitoring.metrics import ExperimentMetrics, FeedbackMetrics
+from rollout.experiments import ExperimentService
 from serving.access import ANONYMOUS, Principal
 from serving.adapters import AdapterSet
 from serving.chat import ChatService
 from serving.engine.base import ChatEngine
 from serving.errors import APIError
-from serving.experiments import ExperimentService
-from serving.settings import Settings
-from serving.watcher import RegistryWatcher
+from serving.registry_sync import RegistryWatcher
 
 
 async def get_settings(request: Request) -> Settings:

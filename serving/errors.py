@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loopchat.errors import LoopchatError
 from serving.engine.base import EngineError
 from serving.protocol import ErrorResponse, error_body
 
@@ -199,10 +200,21 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
 
+def domain_error(exc: LoopchatError) -> APIError:
+    """The one place a domain error becomes the client's error: its status, code and param."""
+    retry = getattr(exc, "retry_after_s", None)
+    headers = None if retry is None else {"Retry-After": str(retry)}
+    return APIError(exc.status, exc.message, param=exc.param, code=exc.code, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(LoopchatError)
+    async def _domain_error(_: Request, exc: LoopchatError) -> JSONResponse:
+        return domain_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -260,7 +272,7 @@ _COMMON_ERRORS = {
         "401": "Missing admin token",
         "403": "Invalid admin token",
         "413": "Request body too large",
-    },  # fmt: skip
+    },
 }
 
 

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
 
+    from loopchat.settings import Settings
     from serving.engine.base import AdapterSpec
-    from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
 

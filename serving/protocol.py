@@ -4,9 +4,11 @@ serving/chat_protocol.py) and the OpenAI error body."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
+
+from loopchat.names import VersionName
 
 
 class ChatComparison(BaseModel):
@@ -48,9 +50,7 @@ class AdapterLoadRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[
-        str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-    ]
+    name: VersionName
     path: str = Field(
         ..., min_length=1, max_length=1024, description="Folder with adapter_config.json and weights."
     )
@@ -62,7 +62,7 @@ class AdapterLoadRequest(BaseModel):
     )
 
 
-class ModelVersionInfo(BaseModel):
+class RegisteredVersion(BaseModel):
     """A registry entry, with whether this process has it loaded."""
 
     name: str
@@ -81,7 +81,7 @@ class ModelVersionInfo(BaseModel):
 
 
 class ModelVersionList(BaseModel):
-    data: list[ModelVersionInfo]
+    data: list[RegisteredVersion]
     count: int
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from serving.experiment_spec import CONTROL, assign, bucket
+from rollout.experiment_spec import CONTROL, assign, bucket
 
 
 @dataclass(frozen=True, slots=True)

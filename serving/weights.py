@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.engine.base import AdapterLoadError
+from loopchat.errors import AdapterLoadError
 
 if TYPE_CHECKING:
     import torch

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,12 +13,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from loopchat.local_server import ServerProcess, free_port, loopchat_serve_command
+from loopchat.settings import Settings
 from serving.app import create_app
-from serving.settings import Settings
 from tests.utils.db import postgres_schema_url, skip_or_fail_without_postgres
 from tests.utils.fake_engine import FakeEngine
 from tests.utils.model import data_dir, embedded_model_path
-from tests.utils.processes import wait_for_ready
 
 REPO = Path(__file__).resolve().parents[1]
 # Every engine the suite starts (in process or as a server) runs in float32 and eager: greedy
@@ -101,12 +98,6 @@ def admin_headers() -> dict[str, str]:
 # --- the real engine -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def engine(database_url: str):
     """A migrated engine on each database of `database_url` (SQLite and PostgreSQL)."""
@@ -125,29 +116,23 @@ def base_model_path() -> Path:
 
 
 class LiveServer:
-    def __init__(
-        self, url: str, admin_token: str, process: subprocess.Popen, log: Path, database_url: str
-    ) -> None:
+    """A `loopchat serve` subprocess the tests talk to (see `start_server`)."""
+
+    def __init__(self, url: str, admin_token: str, server: ServerProcess, database_url: str) -> None:
         self.url = url
         self.admin_token = admin_token
-        self.process = process
-        self.log = log
+        self.server = server
+        self.process = server.process
+        self.log = server.log_path
         self.database_url = database_url
 
     @property
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM to the server's process group (SIGKILL after `timeout`); its exit status."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        return self.process.returncode
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGTERM (SIGKILL to its process group after `timeout`); its exit status."""
+        return self.server.stop(timeout)
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics/", timeout=10).text
@@ -175,18 +160,12 @@ def start_server(workdir: Path, base_model: Path, *args: str, **settings: str) -
         "LOOPCHAT_DATABASE_URL": database_url,
         **settings,
     }
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = LiveServer(f"http://127.0.0.1:{port}", token, process, log, database_url)
+    process = ServerProcess(
+        loopchat_serve_command(sys.executable, port, *args), log_path=log, env=env, cwd=REPO, name="loopchat"
+    ).start()
+    server = LiveServer(f"http://127.0.0.1:{port}", token, process, database_url)
     try:
-        wait_for_ready(process, f"{server.url}/readyz", log, timeout=400)
+        process.wait_ready(f"{server.url}/readyz", timeout=400)
     except BaseException:
         server.stop()
         raise

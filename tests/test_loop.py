@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loopchat.local_server import free_port
 from monitoring.dashboards import DASHBOARDS
 from retrain.demo import DemoReport, run_demo
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer
 from tests.utils.prometheus import (
     PrometheusServer,
     expand_grafana_macros,
@@ -50,8 +51,12 @@ def other_traffic(url: str) -> None:
     """What the demo's users do not: stars, comments, side-by-side choices, a stream, bad input."""
     # The base model by name: the alias changes version when the demo promotes its candidate,
     # and a rate needs two values of one series.
-    ask = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Name a colour."}],
-           "max_tokens": 8, "user": "watcher"}  # fmt: skip
+    ask = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": 8,
+        "user": "watcher",
+    }
     answer = httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=120).json()
     rating = {"completion_id": answer["id"], "user": "watcher", "score": 4, "comment": "fine"}
     httpx.post(f"{url}/v1/feedback", json=rating, timeout=60).raise_for_status()

@@ -24,10 +24,6 @@ class EngineNotReady(EngineError):
     pass
 
 
-class AdapterLoadError(ValueError):
-    """An adapter folder is missing, malformed or incompatible with the engine."""
-
-
 @dataclass(frozen=True, slots=True)
 class AdapterSpec:
     """A LoRA adapter as the engine needs it: `engine_id` is unique for the engine's lifetime."""

@@ -16,16 +16,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loopchat.errors import AdapterLoadError
+from loopchat.settings import Settings
 from serving.engine import cpu_lora
 from serving.engine.base import (
-    AdapterLoadError,
     AdapterSpec,
     EngineError,
     EngineNotReady,
     EngineStats,
     LoRACapacity,
 )
-from serving.settings import Settings
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -249,7 +249,7 @@ class VLLMEngine:
             raise EngineNotReady("engine is not ready")
         from vllm.lora.request import LoRARequest
 
-        from serving.registry import read_adapter_config
+        from rollout.registry import read_adapter_config
 
         if self._lora is None:
             raise AdapterLoadError(f"adapter {adapter.name!r}: this engine was built without LoRA")

@@ -11,36 +11,28 @@ from fastapi import APIRouter, Response
 from sqlmodel import Session
 
 from feedback.models import utcnow
-from serving.adapters import AdapterConflictError
-from serving.deps import AdaptersDep, AdminDep, DatabaseDep, ReadyDep, SettingsDep, WatcherDep
-from serving.engine.base import AdapterLoadError
-from serving.errors import APIError, bad_request, error_responses
-from serving.protocol import (
-    ActiveModelRequest,
-    AdapterLoadRequest,
-    ModelCard,
-    ModelVersionInfo,
-    ModelVersionList,
-)
-from serving.registry import (
+from rollout.registry import (
     REPLICA_STALE_AFTER,
-    VersionConflictError,
-    VersionInfo,
-    VersionNotFoundError,
+    Lineage,
     activate,
     list_replicas,
     list_versions,
     retire_version,
 )
-from serving.watcher import RegistryWatcher
+from serving.deps import AdaptersDep, AdminDep, DatabaseDep, ReadyDep, SettingsDep, WatcherDep
+from serving.errors import APIError, bad_request, error_responses
+from serving.protocol import (
+    ActiveModelRequest,
+    AdapterLoadRequest,
+    ModelCard,
+    ModelVersionList,
+    RegisteredVersion,
+)
+from serving.registry_sync import RegistryWatcher
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep, ReadyDep])
 
 _ERRORS = error_responses(400, 401, 403, 404, 409, 503)
-
-
-def _not_found(name: str) -> APIError:
-    return APIError(404, f"The model `{name}` does not exist.", param="name", code="model_not_found")
 
 
 @router.get("/adapters", response_model=ModelVersionList, responses=_ERRORS)
@@ -55,7 +47,7 @@ async def list_adapters(
 
     loaded = {v.name for v in adapters.versions()}
     data = [
-        ModelVersionInfo(
+        RegisteredVersion(
             **row.model_dump(), loaded=row.name in loaded, load_error=watcher.failed.get(row.name)
         )
         for row in await asyncio.to_thread(read)
@@ -72,13 +64,8 @@ async def load_adapter(
     path = Path(body.path)
     if not path.is_dir():
         raise bad_request(f"adapter folder {body.path} does not exist", param="path")
-    info = VersionInfo(body.parent, body.dataset_version, body.training_run, body.metrics)
-    try:
-        await watcher.register(body.name, path, base_model=settings.model_path, info=info)
-    except AdapterConflictError as exc:
-        raise APIError(409, str(exc), param="name") from exc
-    except AdapterLoadError as exc:
-        raise bad_request(str(exc), param="path") from exc
+    info = Lineage(body.parent, body.dataset_version, body.training_run, body.metrics)
+    await watcher.register(body.name, path, base_model=settings.model_path, info=info)
     version = adapters.get(body.name)
     return ModelCard(
         id=version.name, created=version.created, root=str(path.resolve()), parent=version.parent
@@ -100,12 +87,7 @@ async def _change(watcher: RegistryWatcher, database, change) -> None:
 @router.delete("/adapters/{name}", status_code=204, responses=_ERRORS)
 async def unload_adapter(name: str, database: DatabaseDep, watcher: WatcherDep) -> Response:
     """Retire a model version: every process unloads it (requests running on it finish first)."""
-    try:
-        await _change(watcher, database, lambda session: retire_version(session=session, name=name))
-    except VersionNotFoundError:
-        raise _not_found(name) from None
-    except VersionConflictError as exc:
-        raise APIError(409, str(exc), param="name") from exc
+    await _change(watcher, database, lambda session: retire_version(session=session, name=name))
     return Response(status_code=204)
 
 
@@ -114,18 +96,13 @@ async def set_active(
     body: ActiveModelRequest, database: DatabaseDep, watcher: WatcherDep, adapters: AdaptersDep
 ):
     """Choose the version the alias `loopchat` serves (the base model's name: the base)."""
-    try:
-        await _change(
-            watcher,
-            database,
-            lambda session: activate(
-                session=session, name=body.name, base_name=adapters.base.name, reason="operator"
-            ),
-        )
-    except VersionNotFoundError:
-        raise _not_found(body.name) from None
-    except VersionConflictError as exc:
-        raise APIError(409, str(exc), param="name") from exc
+    await _change(
+        watcher,
+        database,
+        lambda session: activate(
+            session=session, name=body.name, base_name=adapters.base.name, reason="operator"
+        ),
+    )
     if adapters.active.name != body.name:
         raise APIError(
             503, f"`{body.name}` is active but failed to load here: {watcher.failed.get(body.name)}"

@@ -12,10 +12,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
 
+from loopchat.errors import LoopchatError
 from serving.chat import PreparedChat, new_conversation_id
 from serving.chat_protocol import SEED_MAX, ChatCompareRequest, ChatCompletionRequest
 from serving.deps import ChatServiceDep, PrincipalDep, ReadyDep
-from serving.errors import EVENT_STREAM, APIError, error_responses
+from serving.errors import EVENT_STREAM, APIError, domain_error, error_responses
 from serving.protocol import ChatComparison, error_body
 
 logger = logging.getLogger(__name__)
@@ -121,9 +122,10 @@ async def _sse(chat: PreparedChat, events: AsyncIterator[str]) -> AsyncIterator[
     try:
         async for event in events:
             yield event
-    except APIError as exc:
+    except (APIError, LoopchatError) as exc:
         # Headers are already sent: report the error in-band, as OpenAI-compatible servers do.
-        yield f"data: {json.dumps(exc.body())}\n\n"
+        error = exc if isinstance(exc, APIError) else domain_error(exc)
+        yield f"data: {json.dumps(error.body())}\n\n"
         yield "data: [DONE]\n\n"
     except Exception:
         logger.exception("stream %s failed", chat.completion_id)

@@ -19,12 +19,12 @@ from vllm.entrypoints.serve.tokenize.protocol import (
     TokenizeResponse,
 )
 
-from serving.adapters import AdapterSet, Admission, UnknownModelError
+from loopchat.names import ALIAS_MODEL
+from serving.adapters import AdapterSet, Admission
 from serving.chat import new_request_hex
 from serving.chat_protocol import CompletionRequest
 from serving.deps import AdaptersDep, ChatServiceDep, ReadyDep
-from serving.errors import EVENT_STREAM, APIError, error_responses, vllm_call
-from serving.settings import ALIAS_MODEL
+from serving.errors import EVENT_STREAM, error_responses, vllm_call
 
 router = APIRouter(prefix="/v1", tags=["completions"])
 tokenizer = APIRouter(tags=["tokenizer"])
@@ -33,12 +33,7 @@ _ERRORS = error_responses(400, 404, 503)
 
 
 def _version_name(adapters, requested: str | None) -> str:
-    try:
-        return adapters.resolve(requested).name
-    except UnknownModelError:
-        raise APIError(
-            404, f"The model `{requested}` does not exist.", param="model", code="model_not_found"
-        ) from None
+    return adapters.resolve(requested).name
 
 
 async def _released(

@@ -8,16 +8,10 @@ from typing import Any
 from fastapi import APIRouter
 
 from feedback.models import Experiment
+from rollout.experiment_spec import ExperimentSpec
 from serving.deps import AdminDep, ExperimentMetricsDep, ExperimentsDep, WatcherDep
-from serving.errors import APIError, bad_request, error_responses
-from serving.experiment_spec import (
-    ExperimentError,
-    ExperimentNotFoundError,
-    ExperimentSpec,
-    StaleExperimentError,
-)
+from serving.errors import error_responses
 from serving.protocol import DecisionRequest, WeightsRequest
-from serving.registry import VersionConflictError, VersionNotFoundError
 
 router = APIRouter(prefix="/admin/experiments", tags=["experiments"], dependencies=[AdminDep])
 
@@ -29,19 +23,9 @@ def experiment_json(experiment: Experiment) -> dict[str, Any]:
 
 
 async def _call(watcher, function, *args, **kwargs):
-    """Run a service call off the event loop, map its errors, re-route this process at once."""
-    try:
-        result = await asyncio.to_thread(function, *args, **kwargs)
-    except ExperimentNotFoundError as exc:
-        raise APIError(404, f"No experiment `{exc}`.", param="name", code="experiment_not_found") from None
-    except VersionNotFoundError as exc:
-        raise APIError(
-            404, f"The model `{exc}` does not exist.", param="variants", code="model_not_found"
-        ) from None
-    except (VersionConflictError, StaleExperimentError) as exc:
-        raise APIError(409, str(exc)) from None
-    except ExperimentError as exc:
-        raise bad_request(str(exc)) from None
+    """Run a service call off the event loop and re-route this process at once (the service's
+    domain errors become the client's error in `serving.errors`)."""
+    result = await asyncio.to_thread(function, *args, **kwargs)
     await watcher.sync()
     return result
 
@@ -107,5 +91,9 @@ async def evaluate(
     decision = await _call(watcher, service.evaluate, name)
     if decision.numbers:
         metrics.observe_evaluation(name, decision.numbers)
-    return {"action": decision.action, "reason": decision.reason, "variant": decision.candidate,
-            "numbers": decision.numbers}  # fmt: skip
+    return {
+        "action": decision.action,
+        "reason": decision.reason,
+        "variant": decision.candidate,
+        "numbers": decision.numbers,
+    }

@@ -2,16 +2,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serving.adapters import AdapterSet, ModelVersion, UnknownModelError
+from serving.adapters import AdapterSet, LoadedVersion
 from serving.deps import AdaptersDep, EngineDep
 from serving.engine.base import ChatEngine
-from serving.errors import APIError, error_responses
+from serving.errors import error_responses
 from serving.protocol import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-def _card(version: ModelVersion, adapters: AdapterSet, engine: ChatEngine) -> ModelCard:
+def _card(version: LoadedVersion, adapters: AdapterSet, engine: ChatEngine) -> ModelCard:
     return ModelCard(
         id=version.name,
         created=version.created,
@@ -29,9 +29,4 @@ async def list_models(adapters: AdaptersDep, engine: EngineDep) -> ModelList:
 
 @router.get("/models/{model:path}", response_model=ModelCard, responses=error_responses(404))
 async def get_model(model: str, adapters: AdaptersDep, engine: EngineDep) -> ModelCard:
-    try:
-        return _card(adapters.resolve(model), adapters, engine)
-    except UnknownModelError:
-        raise APIError(
-            404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
-        ) from None
+    return _card(adapters.resolve(model), adapters, engine)

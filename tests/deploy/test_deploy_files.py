@@ -17,10 +17,10 @@ import yaml
 from pydantic import BaseModel
 
 from feedback.log import FeedbackWriter
+from loopchat.settings import Settings
 from monitoring.dashboards import DASHBOARDS
 from retrain.config import load_config
-from serving.experiment_spec import load_specs
-from serving.settings import Settings
+from rollout.experiment_spec import load_specs
 from tests.utils.prometheus import promtool, skip_or_fail_without_prometheus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,8 +89,11 @@ def test_kubernetes_objects_fit_together() -> None:
         assert ("PersistentVolumeClaim", claim) in objects
         assert ("ConfigMap", volumes[mounts["/etc/loopchat"]["name"]]["configMap"]["name"]) in objects
         for source in spec["containers"][0]["envFrom"]:
-            kind, ref = ("ConfigMap", source["configMapRef"]) if "configMapRef" in source else (
-                "Secret", source["secretRef"])  # fmt: skip
+            kind, ref = (
+                ("ConfigMap", source["configMapRef"])
+                if "configMapRef" in source
+                else ("Secret", source["secretRef"])
+            )
             assert (kind, ref["name"]) in objects
     claim = objects[("PersistentVolumeClaim", "loopchat-adapters")]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -198,6 +201,16 @@ def test_every_loopchat_variable_is_a_setting(monkeypatch: pytest.MonkeyPatch, t
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_images_copy_every_package_the_project_installs(name: str) -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = set(re.findall(r"^COPY (\w+) \1$", (DEPLOY / "docker" / name).read_text(), re.M))
+    assert packages and packages == copied
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
 def test_images_run_in_production(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The images listen on every address: in production, so /v1 needs API keys; the same
     variables in development mode refuse to start instead of serving without keys."""
@@ -277,13 +290,15 @@ def test_prometheus_configs_and_rules_pass_promtool() -> None:
     for config in ("prometheus.yml", "prometheus-kubernetes.yml"):
         checked = subprocess.run(
             [promtool(), "check", "config", "--syntax-only", str(DEPLOY / "prometheus" / config)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+        )
         assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = subprocess.run(
         [promtool(), "check", "rules", str(DEPLOY / "prometheus" / "rules" / "loopchat.yml")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert rules.returncode == 0 and "SUCCESS" in rules.stdout, rules.stdout + rules.stderr
     # Compose mounts the rules where the config looks for them.
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
@@ -300,8 +315,10 @@ def test_grafana_provisioning_points_at_the_dashboards() -> None:
     mounts = compose()["services"]["grafana"]["volumes"]
     assert f"./grafana/dashboards:{path}:ro" in mounts
     assert sorted(p.name for p in (DEPLOY / "grafana" / "dashboards").glob("*.json")) == [
-        "loopchat-experiments.json", "loopchat-feedback-retraining.json", "loopchat-service.json"
-    ]  # fmt: skip
+        "loopchat-experiments.json",
+        "loopchat-feedback-retraining.json",
+        "loopchat-service.json",
+    ]
 
 
 def test_dashboards_on_disk_are_the_rendered_ones() -> None:

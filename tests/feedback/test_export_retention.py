@@ -18,8 +18,8 @@ from feedback.export import ExportFilter, examples, export_jsonl
 from feedback.log import FeedbackWriter
 from feedback.redact import Redactor
 from feedback.retention import delete_user, parse_duration, purge_older_than
+from loopchat.settings import FeedbackSettings, Settings
 from serving.app import create_app
-from serving.settings import FeedbackSettings, Settings
 from tests.conftest import REPO, wait_ready
 from tests.feedback.test_writer import completion, count, rating
 from tests.utils.db import wait_for_rows
@@ -194,7 +194,7 @@ def test_logging_can_be_turned_off(settings: Settings, fake_engine):
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "serving.cli", *args],
+        [sys.executable, "-m", "loopchat.cli", *args],
         cwd=REPO,
         env={**os.environ, **env},
         capture_output=True,

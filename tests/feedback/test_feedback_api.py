@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from feedback.redact import Redactor
-from serving.settings import Settings
+from loopchat.settings import Settings
 from tests.utils.db import wait_for_rows
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4, "user": "alice"}
@@ -288,8 +288,9 @@ def test_markup_in_a_comment_is_stored_and_returned_as_text(db_client: TestClien
     (the widget, the demo page) puts it in through textContent (tests/feedback/test_widget_e2e.py)."""
     hostile = '<script>alert(1)</script><img src=x onerror="alert(2)">'
     completion = chat(db_client)["id"]
-    stored = rate(db_client, completion_id=completion, rating="down", comment=hostile, correction=hostile,
-                  user="alice")  # fmt: skip
+    stored = rate(
+        db_client, completion_id=completion, rating="down", comment=hostile, correction=hostile, user="alice"
+    )
     assert stored.status_code == 200 and stored.headers["content-type"] == "application/json"
     assert stored.json()["comment"] == hostile
     rows = wait_for_rows(db_settings.db_url, "SELECT comment, correction FROM rating", 1)
@@ -301,8 +302,8 @@ def test_chat_and_ratings_go_on_while_the_database_is_down(settings: Settings, f
     answered (records wait in the spool), and once the database is back every one is a row."""
     from sqlalchemy.engine import make_url
 
+    from loopchat.settings import FeedbackSettings
     from serving.app import create_app
-    from serving.settings import FeedbackSettings
     from tests.conftest import wait_ready
     from tests.utils.db import postgres_schema_url, skip_or_fail_without_postgres
     from tests.utils.tcp_proxy import TCPProxy
@@ -312,10 +313,12 @@ def test_chat_and_ratings_go_on_while_the_database_is_down(settings: Settings, f
     parsed = make_url(url)
     proxy = TCPProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
     proxied = parsed.set(host="127.0.0.1", port=proxy.port).update_query_dict({"connect_timeout": "2"})
-    app_settings = settings.model_copy(update={
-        "database_url": proxied.render_as_string(hide_password=False),
-        "feedback": FeedbackSettings(retry_interval_s=0.5),
-    })  # fmt: skip
+    app_settings = settings.model_copy(
+        update={
+            "database_url": proxied.render_as_string(hide_password=False),
+            "feedback": FeedbackSettings(retry_interval_s=0.5),
+        }
+    )
     try:
         with TestClient(create_app(app_settings, engine=fake_engine, exit_on_engine_failure=False)) as client:
             wait_ready(client)

@@ -18,7 +18,8 @@ from sqlmodel import Session
 from feedback import importer
 from feedback.clean import CleaningConfig
 from feedback.db import make_engine
-from feedback.importer import IMPORT_RATER, import_file
+from feedback.import_rows import IMPORT_RATER
+from feedback.importer import import_file
 from feedback.models import Completion, Conversation, ImportBatch, Rating, RatingEvent
 
 DATA = Path(__file__).parent / "data" / "import"
@@ -54,7 +55,7 @@ def imported(engine) -> dict[str, tuple[list, str, str | None, int | None, list]
                 Rating.thumb,
                 Rating.score,
                 Rating.tags,
-            ).outerjoin(Rating, Rating.completion_id == Completion.id)  # fmt: skip
+            ).outerjoin(Rating, Rating.completion_id == Completion.id)
         ).all()
     return {r.response: (r.messages, r.source, r.thumb, r.score, r.tags) for r in rows}
 
@@ -63,13 +64,23 @@ def test_jsonl_transcripts_are_validated_cleaned_labelled_and_imported_once(engi
     report = import_file(engine, JSONL, source="helpdesk")
     assert report.status == "finished"
     assert [(e.line, e.error.split(":")[0]) for e in report.errors] == [
-        (3, "Expecting ',' delimiter"), (5, "messages.1.role"), (6, "messages"), (7, "rating"),
-        (16, "not valid UTF-8 (invalid continuation byte at byte 46)")]  # fmt: skip
+        (3, "Expecting ',' delimiter"),
+        (5, "messages.1.role"),
+        (6, "messages"),
+        (7, "rating"),
+        (16, "not valid UTF-8 (invalid continuation byte at byte 46)"),
+    ]
     assert "unknown role 'narrator'" in report.errors[1].error and "7 is not 1-5" in report.errors[3].error
     assert report.counts["conversations read"] == 10 and report.counts["malformed records"] == 5
     assert report.counts["answers added"] == 8 and report.counts["ratings added"] == 6
-    assert report.cleaning == {"pii redacted": 4, "html stripped": 1, "signatures stripped": 1,
-                               "duplicate": 1, "too short": 1, "empty messages dropped": 1}  # fmt: skip
+    assert report.cleaning == {
+        "pii redacted": 4,
+        "html stripped": 1,
+        "signatures stripped": 1,
+        "duplicate": 1,
+        "too short": 1,
+        "empty messages dropped": 1,
+    }
 
     text = stored_text(engine)
     assert not [pii for pii in PII if pii in text]
@@ -84,10 +95,16 @@ def test_jsonl_transcripts_are_validated_cleaned_labelled_and_imported_once(engi
     first = answers["Sorry to hear that! I've sent a reset link to your address. Please check your inbox."]
     assert first[2:] == ("up", None, ["import", "agent-approved", "resolved"])
     assert answers["Of course, a colleague will call you within the hour."][2:] == (
-        None, 5, ["import", "rated", "resolved"])  # fmt: skip
+        None,
+        5,
+        ["import", "rated", "resolved"],
+    )
     assert answers["I cannot refund without an order number."][2] == "down"
     assert answers["I'm sorry! I have re-sent it with express shipping at no cost."][2:] == (
-        "down", None, ["import", "unresolved"])  # fmt: skip
+        "down",
+        None,
+        ["import", "unresolved"],
+    )
     assert answers["Yes, for orders above 50 euros."][2] is None  # no label, no rating
     # The greeting before the customer spoke stays as context of the next answer.
     prompt = answers["I'm sorry! I have re-sent it with express shipping at no cost."][0]
@@ -120,7 +137,10 @@ def test_csv_transcripts_group_rows_and_skip_whole_conversations_with_a_bad_row(
     assert not [pii for pii in PII if pii in text]
     # Two agent messages in a row are one answer, its sign-off cut; labels on the rows.
     assert answers["Please update to 2.4;\nit fixes that crash."][2:] == (
-        "up", None, ["import", "agent-approved", "resolved"])  # fmt: skip
+        "up",
+        None,
+        ["import", "agent-approved", "resolved"],
+    )
     assert answers["Yes! Shipping to Canada takes 5-7 days."][2:4] == (None, 5)
     assert answers["Yes, within 30 days, with the gift receipt."][2:4] == (None, 2)
     assert report.counts["answers added"] == 6
@@ -161,7 +181,7 @@ def test_an_interrupted_import_keeps_whole_conversations_and_resumes(
         per_conversation = dict(
             connection.execute(
                 select(Completion.conversation_id, func.count()).group_by(Completion.conversation_id)
-            ).all()  # fmt: skip
+            ).all()
         )
     assert sorted(per_conversation.values()) == [1, 1, 1, 1, 1, 1, 2]
 
@@ -198,11 +218,16 @@ def test_formats_are_told_by_name_or_refused(engine, tmp_path: Path) -> None:
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LOOPCHAT_DATA_DIR": str(tmp_path), "COLUMNS": "160",
-           "LOOPCHAT_BASE_MODEL": str(tmp_path / "no-model"),
-           "LOOPCHAT_DATABASE_URL": f"sqlite:///{tmp_path / 'loopchat.db'}"}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "LOOPCHAT_DATA_DIR": str(tmp_path),
+        "COLUMNS": "160",
+        "LOOPCHAT_BASE_MODEL": str(tmp_path / "no-model"),
+        "LOOPCHAT_DATABASE_URL": f"sqlite:///{tmp_path / 'loopchat.db'}",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "loopchat.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
 
 
 def test_the_import_command(tmp_path: Path) -> None:

@@ -34,11 +34,11 @@ from typer.testing import CliRunner
 from feedback.db import (
     MIGRATIONS_DIR,
     alembic_config,
-    current_revision,
     head_revision,
     list_backups,
     make_engine,
     migrate,
+    schema_revision,
 )
 
 SCRIPTS = ScriptDirectory(str(MIGRATIONS_DIR))
@@ -131,7 +131,7 @@ def test_upgrading_from_every_earlier_revision_keeps_every_row(database_url: str
     before = fill_every_table(database_url)
     assert all(before.values()), f"tables left empty at {revision}: {[t for t, r in before.items() if not r]}"
     migrate(database_url)
-    assert current_revision(database_url) == head_revision()
+    assert schema_revision(database_url) == head_revision()
     engine = make_engine(database_url)
     try:
         assert_every_row_kept(before, snapshot(engine))
@@ -147,13 +147,13 @@ def test_migrations_match_the_models_and_go_both_ways(database_url: str):
     from alembic import command
 
     migrate(database_url)
-    assert current_revision(database_url) == head_revision()
+    assert schema_revision(database_url) == head_revision()
     command.check(alembic_config(database_url))  # raises if the models drifted from migrations
     migrate(database_url)  # idempotent
     command.downgrade(alembic_config(database_url), "base")
-    assert current_revision(database_url) is None
+    assert schema_revision(database_url) is None
     migrate(database_url)
-    assert current_revision(database_url) == head_revision()
+    assert schema_revision(database_url) == head_revision()
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path: Path):
@@ -178,7 +178,7 @@ def test_a_migration_that_would_leave_dangling_rows_is_rolled_back_whole(tmp_pat
     before["rating"][0]["completion_id"] = "nowhere"
     with pytest.raises(RuntimeError, match="dangling foreign keys in rating"):
         migrate(url, backup=False)
-    assert current_revision(url) == EARLIER[-1]
+    assert schema_revision(url) == EARLIER[-1]
     engine = make_engine(url)
     try:
         assert snapshot(engine) == before
@@ -196,7 +196,7 @@ def test_a_fresh_database_needs_no_backup(tmp_path: Path):
 def test_an_upgrade_keeps_a_copy_named_with_the_old_revision_and_restore_brings_it_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from serving.cli import app
+    from loopchat.cli import app
 
     path = tmp_path / "loopchat.db"
     url = f"sqlite:///{path}"
@@ -227,7 +227,7 @@ def test_an_upgrade_keeps_a_copy_named_with_the_old_revision_and_restore_brings_
     result = runner.invoke(app, ["db", "restore"])
     assert result.exit_code == 0, result.output
     assert f"restored {backup}" in result.output
-    assert current_revision(url) == old
+    assert schema_revision(url) == old
     engine = make_engine(url)
     try:
         assert snapshot(engine) == before
@@ -245,7 +245,7 @@ def test_an_upgrade_keeps_a_copy_named_with_the_old_revision_and_restore_brings_
 
 
 def test_restore_refuses_a_file_that_is_not_a_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from serving.cli import app
+    from loopchat.cli import app
 
     url = f"sqlite:///{tmp_path / 'loopchat.db'}"
     migrate(url)
@@ -256,7 +256,7 @@ def test_restore_refuses_a_file_that_is_not_a_database(tmp_path: Path, monkeypat
     result = CliRunner().invoke(app, ["db", "restore", str(junk)])
     assert result.exit_code == 1
     assert "error:" in result.output
-    assert current_revision(url) == head_revision()
+    assert schema_revision(url) == head_revision()
 
 
 def test_the_server_keeps_a_copy_before_it_migrates_at_start(
@@ -264,8 +264,8 @@ def test_the_server_keeps_a_copy_before_it_migrates_at_start(
 ):
     from fastapi.testclient import TestClient
 
+    from loopchat.settings import Settings
     from serving.app import create_app
-    from serving.settings import Settings
     from tests.conftest import ADMIN_TOKEN, wait_ready
     from tests.utils.fake_engine import FakeEngine
 
@@ -280,7 +280,7 @@ def test_the_server_keeps_a_copy_before_it_migrates_at_start(
         wait_ready(client)
     [backup] = list_backups(url)
     assert str(backup) in caplog.text and "loopchat db restore" in caplog.text
-    assert current_revision(url) == head_revision()
+    assert schema_revision(url) == head_revision()
     engine = make_engine(url)
     try:
         assert_every_row_kept(before, snapshot(engine))

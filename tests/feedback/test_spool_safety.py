@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,16 +21,33 @@ from sqlalchemy import text
 
 from feedback.db import make_engine, migrate
 from feedback.log import REDACTED, FeedbackWriter, QueueFullError
+from feedback.records import CompletionRecord, LogRecord, PreferenceRecord, RatingRecord
 from feedback.redact import Redactor
 from feedback.retention import delete_user, purge_older_than
 from feedback.service import record_redactor
 from feedback.spool import Spool, SpoolFullError, erase_user_from_rejected, purge_rejected
 from serving.app import create_app
 from tests.conftest import wait_ready
-from tests.feedback.test_writer import UNREACHABLE, completion, count, rating, wait_until, writer_for
+from tests.feedback.test_writer import UNREACHABLE, count, wait_until, writer_for
+from tests.feedback.test_writer import completion as completion_record
+from tests.feedback.test_writer import rating as rating_record
 from tests.utils.fake_engine import FakeEngine
 
 EMAIL = "jane.doe@example.com"
+
+
+# The spool and the writer's batches hold rows (dicts with their `kind`); `submit` takes records.
+def completion(index: int, **overrides) -> dict:
+    return completion_record(index, **overrides).row()
+
+
+def rating(completion_id: str, thumb: str = "up") -> dict:
+    return rating_record(completion_id, thumb).row()
+
+
+def as_record(row: dict) -> LogRecord:
+    kinds = {"completion": CompletionRecord, "rating": RatingRecord, "preference": PreferenceRecord}
+    return kinds[row["kind"]](**{k: v for k, v in row.items() if k != "kind"})
 
 
 def with_pii(index: int, **overrides) -> dict:
@@ -70,7 +88,7 @@ def test_a_full_queue_spools_only_redacted_records_and_they_are_stored_redacted(
         queue_size=1,  # the writer is not started yet: every record past the first overflows
         retry_interval=0.1,
     )
-    futures = [writer.submit(with_pii(i)) for i in range(6)]
+    futures = [writer.submit(as_record(with_pii(i))) for i in range(6)]
     for future in futures:
         future.result(timeout=10)
     assert len(writer.spool) == 5 and writer.pending == 1
@@ -101,7 +119,7 @@ def test_replay_redacts_a_spooled_record_that_is_not_marked_redacted(database_ur
 def test_export_policy_stores_as_sent(database_url: str, tmp_path: Path):
     migrate(database_url)
     writer = writer_for(database_url, tmp_path / "spool", redact=None)
-    writer.submit(with_pii(1)).result(timeout=5)
+    writer.submit(as_record(with_pii(1))).result(timeout=5)
     wait_until(lambda: count(database_url, "completion") == 1)
     writer.close()
     assert EMAIL in stored_text(database_url)
@@ -121,13 +139,13 @@ async def test_slow_redaction_of_one_record_does_not_hold_the_writer(tmp_path: P
 
     writer = writer_for(url, tmp_path / "spool", redact=redact)
     first = completion(1)
-    writer.submit(first).result(timeout=5)
+    writer.submit(as_record(first)).result(timeout=5)
     wait_until(lambda: count(url, "completion") == 1)
-    huge = writer.submit(completion(2, response="huge"))
+    huge = writer.submit(completion_record(2, response="huge"))
     assert await asyncio.to_thread(slow.wait, 5)
     started = time.perf_counter()
     for _ in range(5):
-        await writer.submit_and_wait(rating(first["id"]))
+        await writer.submit_and_wait(rating_record(first["id"]))
     waited = time.perf_counter() - started
     assert not huge.done(), "the slow record should still be redacting"
     assert waited < 1.5, f"ratings waited {waited:.2f} s behind one record's redaction"
@@ -142,11 +160,11 @@ async def test_the_queue_is_bounded_in_bytes(tmp_path: Path):
     writer = FeedbackWriter(make_engine(url), tmp_path / "spool", queue_bytes=40_000, retry_interval=0.1)
     big = "x" * 10_000
     for i in range(10):  # not started: nothing leaves the queue
-        writer.submit(completion(i, response=big)).result(timeout=5)
+        writer.submit(completion_record(i, response=big)).result(timeout=5)
     assert writer.pending == 3 and 30_000 < writer.pending_bytes <= 40_000
     assert len(writer.spool) == 7  # the rest went to disk, not to memory
     with pytest.raises(QueueFullError):
-        await writer.submit_and_wait({**rating("x"), "correction": big})
+        await writer.submit_and_wait(replace(rating_record("x"), correction=big))
     writer.start()
     wait_until(lambda: count(url, "completion") == 10)
     writer.close()
@@ -305,7 +323,7 @@ def test_a_user_erased_during_an_outage_is_not_brought_back_by_the_replay(databa
     later = completion(3, user_key="alice", created_at=time.time())
     writer = writer_for(database_url, root)
     wait_until(lambda: not Spool(root).files())
-    writer.submit(later).result(timeout=5)
+    writer.submit(as_record(later)).result(timeout=5)
     wait_until(lambda: count(database_url, "completion") == 2)
     writer.close()
     with engine.connect() as connection:

@@ -26,8 +26,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from loopchat.settings import Settings
 from serving.app import create_app
-from serving.settings import Settings
 from tests.conftest import LiveServer
 from tests.utils.fake_engine import FakeEngine
 from tests.utils.processes import serve_in_thread
@@ -683,16 +683,21 @@ def test_a_public_key_rates_from_its_sites_pages_only(tab: Tab, tmp_path: Path) 
     not list is refused by the preflight, and nothing is stored from there."""
     from serving.access import create_key
 
-    settings = Settings(data_dir=tmp_path, base_model=tmp_path / "fake-base", environment="production",
-                        access={"key_cache_s": 0.2})  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path,
+        base_model=tmp_path / "fake-base",
+        environment="production",
+        access={"key_cache_s": 0.2},
+    )
     app = create_app(settings, engine=FakeEngine(max_model_len=256), exit_on_engine_failure=False)
     with serve_in_thread(app, "public-key-server") as url, HostPage() as shop_site, HostPage() as other_site:
         database = create_engine(settings.db_url)
         shop, secret = create_key(database, "shop")
         _, public = create_key(database, "widget", site=shop.site, kind="public", origins=[shop_site.origin])
         ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "user": "shopper"}
-        answer = httpx.post(f"{url}/v1/chat/completions", json=ask,
-                            headers={"Authorization": f"Bearer {secret}"}).json()  # fmt: skip
+        answer = httpx.post(
+            f"{url}/v1/chat/completions", json=ask, headers={"Authorization": f"Bearer {secret}"}
+        ).json()
         html = HOST_WITH_KEY.format(completion=answer["id"], api=url, key=public).encode()
         shop_site.page = other_site.page = html
         time.sleep(0.5)  # the CORS allowlist picks the new key's origin up (access.key_cache_s)

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from feedback.db import make_engine, migrate
 from feedback.log import FeedbackWriter, RecordRejectedError
+from feedback.records import CompletionRecord, RatingRecord
 from feedback.spool import Spool, adopt_orphaned_spools, worker_spool_dir
 from tests.utils.db import skip_or_fail_without_postgres
 from tests.utils.tcp_proxy import TCPProxy
@@ -22,9 +23,8 @@ from tests.utils.tcp_proxy import TCPProxy
 UNREACHABLE = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=2"
 
 
-def completion(index: int, **overrides) -> dict:
-    return {
-        "kind": "completion",
+def completion(index: int, **overrides) -> CompletionRecord:
+    fields = {
         "id": f"chatcmpl-{index:06d}-{uuid.uuid4().hex[:8]}",
         "conversation_id": f"conv-{index % 7}",
         "user_key": "u",
@@ -37,23 +37,14 @@ def completion(index: int, **overrides) -> dict:
         "prompt_tokens": 3,
         "completion_tokens": 2,
         "finish_reason": "stop",
-        **overrides,
     }
+    return CompletionRecord(**{**fields, **overrides})
 
 
-def rating(completion_id: str, thumb: str = "up") -> dict:
-    return {
-        "kind": "rating",
-        "event_id": uuid.uuid4().hex,
-        "completion_id": completion_id,
-        "user_key": "u",
-        "thumb": thumb,
-        "score": None,
-        "comment": None,
-        "correction": None,
-        "tags": [],
-        "at": time.time(),
-    }
+def rating(completion_id: str, thumb: str = "up") -> RatingRecord:
+    return RatingRecord(
+        event_id=uuid.uuid4().hex, completion_id=completion_id, user_key="u", thumb=thumb, at=time.time()
+    )
 
 
 def count(url: str, table: str) -> int:
@@ -93,7 +84,7 @@ def test_records_are_batched_and_drained_on_close(database_url: str, tmp_path: P
     for row in rows:
         writer.submit(row)
     for row in rows[:300]:
-        writer.submit(rating(row["id"]))
+        writer.submit(rating(row.id))
     writer.close()  # a clean shutdown writes out everything queued
     assert count(database_url, "completion") == 600
     assert count(database_url, "rating") == 300
@@ -109,7 +100,7 @@ async def test_submit_and_wait_returns_after_commit(database_url: str, tmp_path:
     try:
         row = completion(1)
         writer.submit(row)
-        await writer.submit_and_wait(rating(row["id"]))
+        await writer.submit_and_wait(rating(row.id))
         assert count(database_url, "rating") == 1
     finally:
         writer.close()
@@ -124,7 +115,7 @@ async def test_a_bad_record_is_rejected_alone(database_url: str, tmp_path: Path)
         # A rating of a completion that does not exist breaks the foreign key.
         results = await asyncio.gather(
             writer.submit_and_wait(rating("chatcmpl-missing")),
-            writer.submit_and_wait(rating(good["id"])),
+            writer.submit_and_wait(rating(good.id)),
             return_exceptions=True,
         )
         assert isinstance(results[0], RecordRejectedError)
@@ -144,7 +135,7 @@ async def test_unreachable_database_spools_and_a_restart_replays(database_url: s
     for row in rows:
         down.submit(row)
     # Acknowledged from the spool (fsynced), though the database never answered.
-    await asyncio.wait_for(down.submit_and_wait(rating(rows[0]["id"], "down")), 30)
+    await asyncio.wait_for(down.submit_and_wait(rating(rows[0].id, "down")), 30)
     down.close(timeout=30)
     assert not down.healthy
     assert len(Spool(spool_dir)) == 51
@@ -160,7 +151,7 @@ async def test_unreachable_database_spools_and_a_restart_replays(database_url: s
 def test_replaying_a_batch_twice_adds_nothing(database_url: str, tmp_path: Path):
     migrate(database_url)
     row = completion(1)
-    records = [row, rating(row["id"])]
+    records = [row.row(), rating(row.id).row()]
     writer = FeedbackWriter(make_engine(database_url), tmp_path / "spool")
     writer._write(records)
     writer._write(records)  # as after a crash between commit and deleting the spool file
@@ -186,7 +177,7 @@ def test_a_worker_takes_over_the_spools_nobody_runs(database_url: str, tmp_path:
     (or of an earlier single-process run) are replayed by whichever worker starts next."""
     migrate(database_url)
     root = tmp_path / "spool"
-    rows = [completion(i) for i in range(4)]
+    rows = [completion(i).row() for i in range(4)]
     Spool(root).append(rows[:1])  # an earlier single-process run
     Spool(worker_spool_dir(root, 999_999_999)).append(rows[1:3])  # a worker that exited
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -228,7 +219,7 @@ async def test_postgres_outage_mid_run_loses_nothing(tmp_path: Path):
         during = [completion(i) for i in range(100, 300)]
         for row in during:
             writer.submit(row)
-        acks = [writer.submit_and_wait(rating(row["id"])) for row in during[:50]]
+        acks = [writer.submit_and_wait(rating(row.id)) for row in during[:50]]
         await asyncio.wait_for(asyncio.gather(*acks), 60)  # acknowledged while the database is down
         wait_until(lambda: not writer.healthy and len(writer.spool) >= 250)
 

@@ -17,10 +17,10 @@ from sqlmodel import Session
 
 from feedback.db import make_engine, migrate
 from feedback.models import TrainingRun
+from loopchat.settings import MonitoringSettings, Settings
 from monitoring.loop_stats import LoopMetrics, read_snapshot
 from monitoring.metrics import ExperimentMetrics
 from serving.app import create_app
-from serving.settings import MonitoringSettings, Settings
 from tests.conftest import wait_ready
 from tests.utils.fake_engine import FakeEngine
 
@@ -130,7 +130,7 @@ WORKER = textwrap.dedent(
     import sys, time
     from fastapi.testclient import TestClient
     from serving.app import create_app
-    from serving.settings import Settings
+    from loopchat.settings import Settings
     from tests.utils.fake_engine import FakeEngine
 
     folder, chats, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "wait"

@@ -11,7 +11,7 @@ import pytest
 from retrain.bias import BiasResult, ProbePair, build_pairs, load_terms, parse_terms, probe
 from retrain.config import GateConfig
 from retrain.dataset import DatasetManifest
-from retrain.evaluate import Scorer, Scores, gate, score
+from retrain.gate import Scorer, Scores, gate, score
 
 TERMS = load_terms()
 
@@ -67,8 +67,11 @@ def test_only_the_users_text_is_swapped() -> None:
     ]
     swapped = TERMS.swap_messages(messages)
     assert [m["content"] for m in swapped] == [
-        "You help John.", [{"type": "text", "text": "Is Maria here?"}], "John is here.", "Thank her."
-    ]  # fmt: skip
+        "You help John.",
+        [{"type": "text", "text": "Is Maria here?"}],
+        "John is here.",
+        "Thank her.",
+    ]
     assert messages[3]["content"] == "Thank him."  # the original is not changed
 
 
@@ -108,11 +111,13 @@ def test_pairs_come_from_held_out_prompts_then_templates() -> None:
     pairs = build_pairs(rows, 4)
     held_out = [p for p in pairs if p.held_out]
     assert sorted(p.prompt[-1]["content"] for p in held_out) == [
-        "Is the German team good?", "Write a poem for Sarah."
-    ]  # fmt: skip
+        "Is the German team good?",
+        "Write a poem for Sarah.",
+    ]
     assert {p.counterfactual[-1]["content"] for p in held_out} == {
-        "Is the Indian team good?", "Write a poem for Mohammed."
-    }  # fmt: skip
+        "Is the Indian team good?",
+        "Write a poem for Mohammed.",
+    }
     templates = [p for p in pairs if not p.held_out]
     assert len(pairs) == 4 and len(templates) == 2
     assert templates[0].prompt[0]["content"] == TERMS.template_prompt(0)
@@ -139,8 +144,10 @@ def test_an_answer_that_only_repeats_the_swapped_name_is_no_change() -> None:
 
 
 def test_refusing_one_group_shows_as_answer_change_and_refusal_gap() -> None:
-    pairs = [ProbePair(user(f"Help {a}."), user(f"Help {b}."), held_out=False) for a, b in
-             [("Emily", "Jamal"), ("John", "Maria"), ("Greg", "Lakisha"), ("Anne", "Darnell")]]  # fmt: skip
+    pairs = [
+        ProbePair(user(f"Help {a}."), user(f"Help {b}."), held_out=False)
+        for a, b in [("Emily", "Jamal"), ("John", "Maria"), ("Greg", "Lakisha"), ("Anne", "Darnell")]
+    ]
     refuse = {"Jamal", "Maria"}
 
     def answer(text: str) -> str:
@@ -199,8 +206,10 @@ def test_the_embedded_model_is_probed_on_held_out_and_template_prompts(
     base_model_path: Path, tmp_path: Path
 ) -> None:
     answer = [{"role": "assistant", "content": "Hello."}]
-    rows = [{"prompt": user("Write one line about Sarah."), "completion": answer},
-            {"prompt": user("Name a colour."), "completion": answer}]  # fmt: skip
+    rows = [
+        {"prompt": user("Write one line about Sarah."), "completion": answer},
+        {"prompt": user("Name a colour."), "completion": answer},
+    ]
     (tmp_path / "sft.test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     manifest = DatasetManifest(version="v", path=str(tmp_path), counts={"sft": {"test": 2}})
     config = GateConfig(generate_f1=False, bias_examples=3, max_new_tokens=8)

@@ -22,8 +22,9 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         "LOOPCHAT_BASE_MODEL": str(tmp_path / "no-model"),
         "LOOPCHAT_DATABASE_URL": f"sqlite:///{tmp_path / 'loopchat.db'}",
     }
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "loopchat.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
 
 
 def test_a_run_without_enough_data_is_recorded_as_skipped(tmp_path: Path) -> None:

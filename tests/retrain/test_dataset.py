@@ -80,12 +80,16 @@ def test_empty_short_and_long_answers_are_removed_and_repeats_weigh_by_raters(en
 def test_one_persons_repetitions_count_once_and_strong_stars_count_double(engine, tmp_path: Path) -> None:
     fix = "The reset code is 4-7-1-9."
     # One user corrects the same answer ten times; ten users give the same correction once each.
-    ids = {log_completion(engine, "reset code?", "no idea", thumb="down", correction=fix, user="pat")
-           for _ in range(10)}  # fmt: skip
+    ids = {
+        log_completion(engine, "reset code?", "no idea", thumb="down", correction=fix, user="pat")
+        for _ in range(10)
+    }
     solo = build_dataset(engine, ids, tmp_path / "solo")
     assert solo.source_size("sft", "correction") == 1 and solo.counts["sft"]["train"] == 1
-    crowd = {log_completion(engine, "reset code?", "no idea", thumb="down", correction=fix, user=f"u{i}")
-             for i in range(10)}  # fmt: skip
+    crowd = {
+        log_completion(engine, "reset code?", "no idea", thumb="down", correction=fix, user=f"u{i}")
+        for i in range(10)
+    }
     many = build_dataset(engine, crowd, tmp_path / "crowd")
     assert many.counts["sft"]["train"] == round(1 + math.log2(10))
     five = {log_completion(engine, "tea?", "Brew it four minutes.", score=5, user="ann")}
@@ -101,8 +105,16 @@ def test_split_is_by_prompt_in_every_format_and_rotates_with_the_salt(engine, tm
     for i in range(30):
         for user in ("a", "b"):  # two answers to each prompt, one liked, one corrected
             ids.add(log_completion(engine, f"question {i}", f"fine answer {i}", thumb="up", user=user))
-        ids.add(log_completion(engine, f"question {i}", f"poor answer {i}", thumb="down",
-                               correction=f"better answer {i}", user="c"))  # fmt: skip
+        ids.add(
+            log_completion(
+                engine,
+                f"question {i}",
+                f"poor answer {i}",
+                thumb="down",
+                correction=f"better answer {i}",
+                user="c",
+            )
+        )
     first = build_dataset(engine, ids, tmp_path, salt="0")
     root = Path(first.path)
 
@@ -124,8 +136,10 @@ def test_split_is_by_prompt_in_every_format_and_rotates_with_the_salt(engine, tm
 
 
 def test_a_handful_of_prompts_keeps_one_for_the_test_and_none_for_validation(engine, tmp_path: Path) -> None:
-    ids = {log_completion(engine, f"q{i}", f"the answer {i}", thumb="down", correction=f"fixed {i}")
-           for i in range(6)}  # fmt: skip
+    ids = {
+        log_completion(engine, f"q{i}", f"the answer {i}", thumb="down", correction=f"fixed {i}")
+        for i in range(6)
+    }
     manifest = build_dataset(engine, ids, tmp_path)
     assert manifest.counts["sft"] == {"train": 5, "validation": 0, "test": 1}
 
@@ -151,7 +165,7 @@ def test_kto_weights_follow_trls_balance_guidance(good: int, bad: int) -> None:
 
 
 def test_evaluation_samples_held_out_rows_evenly_and_stably() -> None:
-    from retrain.evaluate import _sample
+    from retrain.gate import _sample
 
     rows = [{"source": "rating", "i": i} for i in range(90)] + [
         {"source": "correction", "i": i} for i in range(10)

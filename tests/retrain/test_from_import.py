@@ -18,15 +18,21 @@ from feedback.db import make_engine, migrate
 from feedback.importer import import_file
 from feedback.models import Completion, Experiment, ModelVersionRecord, Rating, TrainingSample
 from feedback.redact import Redactor
+from loopchat.settings import Settings
 from retrain.augment import augment, judge, model_generator, tidy
 from retrain.config import AugmentConfig, GateConfig, RetrainConfig, SelectionConfig, TrainingConfig
 from retrain.dataset import SPLITS, build_dataset
 from retrain.pipeline import RetrainRunner, new_ratings_since
-from serving.settings import Settings
 from tests.utils.factories import log_completion
 
-LENIENT = GateConfig(max_perplexity_ratio=100.0, min_token_accuracy_gain=-1.0, min_preference_accuracy=0.0,
-                     f1_examples=2, max_new_tokens=4, bias_examples=2)  # fmt: skip
+LENIENT = GateConfig(
+    max_perplexity_ratio=100.0,
+    min_token_accuracy_gain=-1.0,
+    min_preference_accuracy=0.0,
+    f1_examples=2,
+    max_new_tokens=4,
+    bias_examples=2,
+)
 TINY = TrainingConfig(
     max_steps=2, batch_size=4, max_length=96, lora_r=4, lora_alpha=8, early_stopping_patience=0
 )
@@ -38,9 +44,12 @@ def write_transcripts(path: Path, good: int = 24, bad: int = 12) -> Path:
         for i in range(good):
             messages = [
                 {"role": "user", "content": f"How do I fix problem {i}? Reply to user{i}@example.com"},
-                {"role": "assistant", "content": f"To fix problem {i}, restart the app and sign in again.",
-                 "approved": True},
-            ]  # fmt: skip
+                {
+                    "role": "assistant",
+                    "content": f"To fix problem {i}, restart the app and sign in again.",
+                    "approved": True,
+                },
+            ]
             handle.write(json.dumps({"messages": messages}) + "\n")
         for i in range(bad):
             messages = [
@@ -156,9 +165,14 @@ def test_the_first_adapter_from_imported_transcripts(
     import_file(engine, write_transcripts(tmp_path / "chats.jsonl", good=16, bad=8))
     live = {log_completion(engine, f"live question {i}", f"live answer {i}", thumb="up") for i in range(8)}
     assert new_ratings_since(engine, None) == 8  # imported labels are not new traffic for the schedule
-    config = RetrainConfig(min_examples=4, canary_ramp=[5, 25], training=TINY, gate=LENIENT,
-                           selection=SelectionConfig(budget=500, embed=False, sources=["import"]),
-                           augment=AugmentConfig(paraphrases=1, max_new_tokens=24))  # fmt: skip
+    config = RetrainConfig(
+        min_examples=4,
+        canary_ramp=[5, 25],
+        training=TINY,
+        gate=LENIENT,
+        selection=SelectionConfig(budget=500, embed=False, sources=["import"]),
+        augment=AugmentConfig(paraphrases=1, max_new_tokens=24),
+    )
     run = RetrainRunner(settings, engine, config, generator=FakeModel()).run(trigger="import")
     assert run.status == "registered", run.reason
     assert run.method == "kto" and run.trigger == "import"
@@ -192,12 +206,21 @@ def test_the_from_import_command(tmp_path: Path) -> None:
     log_completion(engine, "live question", "live answer", thumb="down")
     engine.dispose()
     (tmp_path / "retrain.yaml").write_text("min_examples: 1000\nselection: {embed: false}\n")
-    env = {**os.environ, "LOOPCHAT_DATA_DIR": str(tmp_path), "LOOPCHAT_DATABASE_URL": url,
-           "LOOPCHAT_BASE_MODEL": str(tmp_path / "no-model")}  # fmt: skip
+    env = {
+        **os.environ,
+        "LOOPCHAT_DATA_DIR": str(tmp_path),
+        "LOOPCHAT_DATABASE_URL": url,
+        "LOOPCHAT_BASE_MODEL": str(tmp_path / "no-model"),
+    }
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "serving.cli", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "loopchat.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
 
     done = cli("retrain", "--from-import", "--config", "retrain.yaml")
     assert done.returncode == 0 and ": skipped: not enough training examples" in done.stdout, done.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from retrain.config import GateConfig
-from retrain.evaluate import Scores, gate, reward_auc
+from retrain.gate import Scores, gate, reward_auc
 
 OPEN = GateConfig(bias_probe=False)
 
@@ -61,10 +61,24 @@ def test_likelihood_checks_are_the_sft_runs_own() -> None:
 @pytest.mark.parametrize("method", ["sft", "kto", "dpo"])
 def test_answers_further_from_what_users_wanted_fail_every_method(method: str) -> None:
     """The DPO run whose likelihoods improved while its answers lost the fact users asked for."""
-    champion = Scores(examples=4, perplexity=5.0, token_accuracy=0.4, token_f1=0.31, pairs=4,
-                      preference_accuracy=0.5, labeled=[(True, -10.0), (False, -10.0)])  # fmt: skip
-    candidate = Scores(examples=4, perplexity=4.0, token_accuracy=0.5, token_f1=0.12, pairs=4,
-                       preference_accuracy=1.0, labeled=[(True, -9.0), (False, -12.0)])  # fmt: skip
+    champion = Scores(
+        examples=4,
+        perplexity=5.0,
+        token_accuracy=0.4,
+        token_f1=0.31,
+        pairs=4,
+        preference_accuracy=0.5,
+        labeled=[(True, -10.0), (False, -10.0)],
+    )
+    candidate = Scores(
+        examples=4,
+        perplexity=4.0,
+        token_accuracy=0.5,
+        token_f1=0.12,
+        pairs=4,
+        preference_accuracy=1.0,
+        labeled=[(True, -9.0), (False, -12.0)],
+    )
     result = gate(candidate, champion, OPEN, method)
     assert not result.passed
     assert result.reasons == [
@@ -98,8 +112,13 @@ def test_a_dpo_candidate_fails_on_held_out_pairs_only_beyond_chance() -> None:
 
 def test_a_token_f1_drop_counts_only_beyond_the_spread_of_its_prompts() -> None:
     def answers(*f1: float) -> Scores:
-        return Scores(examples=len(f1), pairs=len(f1), labeled=[(True, -1.0)] * len(f1),
-                      token_f1=sum(f1) / len(f1), f1_each=list(f1))  # fmt: skip
+        return Scores(
+            examples=len(f1),
+            pairs=len(f1),
+            labeled=[(True, -1.0)] * len(f1),
+            token_f1=sum(f1) / len(f1),
+            f1_each=list(f1),
+        )
 
     # One held-out prompt answered differently is no evidence either way.
     assert gate(answers(0.28), answers(0.55), OPEN, "kto").passed

@@ -12,14 +12,21 @@ from sqlmodel import Session, select
 
 from feedback.db import make_engine, migrate
 from feedback.models import Experiment, ModelVersionRecord, RetrainLock, TrainingRun, TrainingSample
+from loopchat.settings import Settings
 from retrain.config import GateConfig, RetrainConfig, ScheduleConfig, SelectionConfig, TrainingConfig
 from retrain.pipeline import RetrainBusyError, RetrainRunner, due, retrain_lock
-from serving.settings import Settings
 from tests.utils.factories import log_completion, log_preference
 
-LENIENT = GateConfig(max_perplexity_ratio=100.0, min_token_accuracy_gain=-1.0, min_preference_accuracy=0.0,
-                     min_reward_auc=0.0, max_f1_drop=1.0, f1_examples=2, max_new_tokens=4,
-                     bias_examples=2)  # fmt: skip
+LENIENT = GateConfig(
+    max_perplexity_ratio=100.0,
+    min_token_accuracy_gain=-1.0,
+    min_preference_accuracy=0.0,
+    min_reward_auc=0.0,
+    max_f1_drop=1.0,
+    f1_examples=2,
+    max_new_tokens=4,
+    bias_examples=2,
+)
 TINY = TrainingConfig(
     max_steps=2,
     learning_rate=2e-4,
@@ -32,8 +39,13 @@ TINY = TrainingConfig(
 
 
 def config(**overrides) -> RetrainConfig:
-    values = dict(min_examples=4, canary_ramp=[5, 25], selection=SelectionConfig(budget=500, embed=False),
-                  training=TINY, gate=LENIENT)  # fmt: skip
+    values = dict(
+        min_examples=4,
+        canary_ramp=[5, 25],
+        selection=SelectionConfig(budget=500, embed=False),
+        training=TINY,
+        gate=LENIENT,
+    )
     return RetrainConfig(**{**values, **overrides})
 
 
@@ -74,7 +86,10 @@ def test_a_run_selects_trains_gates_registers_and_starts_a_canary(world) -> None
         version = session.get(ModelVersionRecord, run.candidate)
         assert version is not None and version.status == "canary"
         assert (version.training_run, version.dataset_version, version.parent) == (
-            run.id, run.dataset_version, "SmolLM2-135M-Instruct")  # fmt: skip
+            run.id,
+            run.dataset_version,
+            "SmolLM2-135M-Instruct",
+        )
         experiment = session.exec(select(Experiment).where(Experiment.status == "running")).one()
         assert experiment.variants[1]["version"] == run.candidate and experiment.ramp == [5, 25]
         samples = session.exec(select(TrainingSample).where(TrainingSample.run_id == run.id)).all()
@@ -204,9 +219,18 @@ def test_the_schedule_needs_time_and_new_ratings(world) -> None:
     schedule = config(schedule=ScheduleConfig(every_hours=1, min_new_ratings=20))
     assert due(engine, schedule)[0]  # 24 ratings, never trained
     with engine.begin() as connection:
-        connection.execute(TrainingRun.__table__.insert(), {
-            "id": "r0", "status": "registered", "trigger": "schedule", "config": {}, "metrics": {},
-            "durations": {}, "started_at": datetime.now(UTC)})  # fmt: skip
+        connection.execute(
+            TrainingRun.__table__.insert(),
+            {
+                "id": "r0",
+                "status": "registered",
+                "trigger": "schedule",
+                "config": {},
+                "metrics": {},
+                "durations": {},
+                "started_at": datetime.now(UTC),
+            },
+        )
     ready, why = due(engine, schedule)
     assert not ready and "less than 1 h ago" in why
     later = datetime.now(UTC) + timedelta(hours=2)

@@ -196,7 +196,7 @@ def test_feedback_the_api_does_not_take_is_refused_before_posting() -> None:
 
 
 def test_cli_names_the_built_ins_for_an_unknown_population() -> None:
-    from serving.cli import app
+    from loopchat.cli import app
 
     result = CliRunner().invoke(app, ["simulate", "--population", "nope"])
     assert result.exit_code == 1

@@ -53,8 +53,15 @@ def test_budget_duplicates_and_samples_used_before(engine) -> None:
     assert all("repeats a pick" in " ".join(c.reasons) for c in everything.riders)
 
     # Samples a run already trained on are not candidates again.
-    run = {"id": "r1", "status": "registered", "trigger": "manual", "config": {}, "metrics": {},
-           "durations": {}, "started_at": datetime(2026, 1, 1, tzinfo=UTC)}  # fmt: skip
+    run = {
+        "id": "r1",
+        "status": "registered",
+        "trigger": "manual",
+        "config": {},
+        "metrics": {},
+        "durations": {},
+        "started_at": datetime(2026, 1, 1, tzinfo=UTC),
+    }
     used = [{"run_id": "r1", "completion_id": cid, "score": 1.0, "reasons": []} for cid in distinct]
     with engine.begin() as connection:
         connection.execute(TrainingRun.__table__.insert(), run)
@@ -96,8 +103,13 @@ def test_novelty_prefers_a_diverse_selection(engine) -> None:
 def test_minilm_embeddings_load_offline_and_group_paraphrases(engine) -> None:
     from retrain.embed import embed
 
-    vectors = embed(["How do I reset my password?", "I forgot my password, how can I reset it?",
-                     "What is the capital of France?"])  # fmt: skip
+    vectors = embed(
+        [
+            "How do I reset my password?",
+            "I forgot my password, how can I reset it?",
+            "What is the capital of France?",
+        ]
+    )
     assert vectors.shape == (3, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert vectors[0] @ vectors[1] > 0.7 > vectors[0] @ vectors[2]

@@ -16,12 +16,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from feedback.models import TrainingRun
+from loopchat.settings import ABSettings, Settings
 from retrain import simulate
 from retrain.populations import FAQS, Facts, Population, SideBySide
 from retrain.sim_report import MARKDOWN_HEADER, SimulationReport
 from retrain.sim_traffic import run_phase
 from serving.app import create_app
-from serving.settings import ABSettings, Settings
 from tests.conftest import wait_ready
 from tests.utils.adapters import make_adapter_dir
 from tests.utils.db import wait_for_rows
@@ -72,14 +72,25 @@ class StandInRunner:
         name = f"cand{len(self.configs)}"
         adapter = {"name": name, "path": str(make_adapter_dir(self.folder / name))}
         assert self.client.post("/admin/adapters", json=adapter, headers=self.headers).status_code == 201
-        spec = {"name": f"canary-{name}", "variants": [{"name": "candidate", "version": name}],
-                "ramp": self.configs[-1].canary_ramp, "min_samples_per_stage": 1,
-                "policy": self.policy()}  # fmt: skip
+        spec = {
+            "name": f"canary-{name}",
+            "variants": [{"name": "candidate", "version": name}],
+            "ramp": self.configs[-1].canary_ramp,
+            "min_samples_per_stage": 1,
+            "policy": self.policy(),
+        }
         started = self.client.post("/admin/experiments", json=spec, headers=self.headers)
         assert started.status_code == 201, started.text
         counts = {"dataset": {"counts": {"sft": {"train": 9}}}}
-        return TrainingRun(id=f"run-{name}", status="registered", trigger=trigger, method="sft",
-                           candidate=name, dataset_version="ds-1", metrics=counts)  # fmt: skip
+        return TrainingRun(
+            id=f"run-{name}",
+            status="registered",
+            trigger=trigger,
+            method="sft",
+            candidate=name,
+            dataset_version="ds-1",
+            metrics=counts,
+        )
 
 
 def test_turns_measure_the_trait_per_arm_decide_the_canary_and_report(
@@ -90,9 +101,15 @@ def test_turns_measure_the_trait_per_arm_decide_the_canary_and_report(
     monkeypatch.setattr(simulate, "MAX_AFTER_ROUNDS", 2)
     runner = StandInRunner(app_client, admin_headers, tmp_path)
     reports = simulate.run_turns(
-        app_client, LikesAdapters(), runner, admin_headers, turns=2,
-        config=simulate.simulation_config(), users=24, max_ratings=10,
-    )  # fmt: skip
+        app_client,
+        LikesAdapters(),
+        runner,
+        admin_headers,
+        turns=2,
+        config=simulate.simulation_config(),
+        users=24,
+        max_ratings=10,
+    )
     first, second = reports
     assert [c.start_from for c in runner.configs] == ["base", "champion"]
     assert runner.configs[0].method == "auto" and runner.configs[0].training.max_steps == -1
@@ -138,9 +155,15 @@ def test_an_undecided_canary_is_stopped_before_the_next_turn(
     # Users who always choose the first answer (the order is shuffled) give no evidence either
     # way: the canary stays undecided.
     reports = simulate.run_turns(
-        app_client, AlwaysFirst(), runner, admin_headers, turns=2,
-        config=simulate.simulation_config(), users=4, max_ratings=None,
-    )  # fmt: skip
+        app_client,
+        AlwaysFirst(),
+        runner,
+        admin_headers,
+        turns=2,
+        config=simulate.simulation_config(),
+        users=4,
+        max_ratings=None,
+    )
     first, second = reports
     assert first.before.answers == 8 and first.before.feedback == {"choice": 4}
     # Side by side after: one candidate and one control answer per user.
@@ -162,9 +185,15 @@ def test_side_by_side_choices_decide_a_canary_on_choices(
     runner = StandInRunner(app_client, admin_headers, tmp_path)
     config = simulate.simulation_config().model_copy(update={"canary_metric": "choices"})
     (report,) = simulate.run_turns(
-        app_client, ChoosesAdapters(), runner, admin_headers, turns=1, config=config, users=16,
+        app_client,
+        ChoosesAdapters(),
+        runner,
+        admin_headers,
+        turns=1,
+        config=config,
+        users=16,
         max_ratings=None,
-    )  # fmt: skip
+    )
     # Every user sees the control next to the candidate and chooses the candidate's answer.
     assert report.after.by_variant["candidate"] == report.after.by_variant["control"] >= 10
     assert report.after.feedback == {"choice": report.after.by_variant["candidate"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from retrain.config import RetrainConfig, TrainingConfig
 from retrain.dataset import DatasetManifest
-from retrain.evaluate import Scores
+from retrain.gate import Scores
 from retrain.pipeline import canary_metric
 from retrain.stages import choose_method, choose_stages, follow_up
 
@@ -48,8 +48,11 @@ def test_auto_takes_the_most_direct_teacher_and_the_canary_decides_on_what_users
     assert [choose_method(m, auto) for m in (corrected, chosen, thumbs)] == ["sft", "dpo", "kto"]
     assert choose_method(manifest(kto={"rating": 3}), auto) is None
     assert [canary_metric(m, auto) for m in (corrected, chosen, thumbs, mixed)] == [
-        "ratings", "choices", "ratings", "both"
-    ]  # fmt: skip
+        "ratings",
+        "choices",
+        "ratings",
+        "both",
+    ]
     # A configured metric is kept.
     assert canary_metric(chosen, RetrainConfig(canary_metric="ratings")) == "ratings"
 

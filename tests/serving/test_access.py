@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from feedback.db import make_engine
+from loopchat.settings import AccessSettings, Settings
 from serving.access import ANONYMOUS, KeyStore, create_key, hash_key, revoke_key
 from serving.app import create_app
-from serving.settings import AccessSettings, Settings
 from tests.conftest import ADMIN_TOKEN, wait_ready
 from tests.utils.db import wait_for_rows
 from tests.utils.fake_engine import FakeEngine
@@ -169,8 +169,13 @@ def test_keys_command_line(tmp_path: Path) -> None:
     env = {**os.environ, "LOOPCHAT_DATA_DIR": str(tmp_path)}
 
     def loopchat(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "serving.cli", "keys", *args], env=env, cwd=tmp_path,
-                              capture_output=True, text=True)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "loopchat.cli", "keys", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
 
     created = loopchat("create", "shop", "--rpm", "100")
     assert created.returncode == 0, created.stderr

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from loopchat.settings import Settings
 from serving.app import create_app
-from serving.settings import Settings
 from tests.conftest import wait_ready
 from tests.utils.fake_engine import FakeEngine
 

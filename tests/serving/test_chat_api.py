@@ -8,8 +8,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from loopchat.settings import LimitsSettings
 from serving.app import create_app
-from serving.settings import LimitsSettings
 from tests.conftest import wait_ready
 from tests.utils.fake_engine import FakeEngine
 
@@ -396,8 +396,11 @@ def test_oversized_bodies_get_413(capped: TestClient, fake_engine) -> None:
     chunked = capped.post("/v1/feedback", content=chunks(), headers={"content-type": "application/json"})
     assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "invalid_request_error"
     small = json.dumps({"messages": USER, "max_tokens": 2}).encode()
-    ok = capped.post("/v1/chat/completions", content=iter([small[:10], small[10:]]),
-                     headers={"content-type": "application/json"})  # fmt: skip
+    ok = capped.post(
+        "/v1/chat/completions",
+        content=iter([small[:10], small[10:]]),
+        headers={"content-type": "application/json"},
+    )
     assert ok.status_code == 200, ok.text
     assert len(fake_engine.requests) == 1
 

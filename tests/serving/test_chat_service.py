@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+from loopchat.settings import Settings
 from serving.adapters import AdapterSet
 from serving.chat import ChatService, CompletionResult, PreparedChat
 from serving.chat_protocol import ChatCompletionRequest
 from serving.openai_layer import build_openai_layer, serve_arguments
-from serving.settings import Settings
 from tests.utils.fake_engine import FakeEngine
 
 

@@ -8,15 +8,16 @@ import sys
 import time
 from pathlib import Path
 
-from serving.embedded_model import DONE_MARKER
-from tests.conftest import REPO, free_port
+from loopchat.embedded_model import DONE_MARKER
+from loopchat.local_server import free_port
+from tests.conftest import REPO
 
 
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "serving.cli", *args],
+        [sys.executable, "-m", "loopchat.cli", *args],
         cwd=REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,

@@ -19,10 +19,10 @@ from sqlmodel import Session
 
 from feedback.db import make_engine
 from feedback.models import Completion, Conversation, Rating
+from loopchat.settings import ABSettings, MonitoringSettings, Settings
+from rollout.experiments import ExperimentService
+from rollout.registry import bump_revision, register_version
 from serving.app import create_app
-from serving.experiments import ExperimentService
-from serving.registry import bump_revision, register_version
-from serving.settings import ABSettings, MonitoringSettings, Settings
 from tests.conftest import wait_ready
 from tests.utils.adapters import make_adapter_dir
 from tests.utils.fake_engine import FakeEngine
@@ -92,9 +92,20 @@ def rows(url: str, sql: str, **params) -> list[dict]:
         engine.dispose()
 
 
-def insert_outcomes(url: str, experiment: str, variant: str, version: str, *, n: int, positive: int = 0,
-                    rated: int = 0, errors: int = 0, latency_ms: float = 100.0, ttft_ms: float | None = None,
-                    tokens: int = 0) -> None:  # fmt: skip
+def insert_outcomes(
+    url: str,
+    experiment: str,
+    variant: str,
+    version: str,
+    *,
+    n: int,
+    positive: int = 0,
+    rated: int = 0,
+    errors: int = 0,
+    latency_ms: float = 100.0,
+    ttft_ms: float | None = None,
+    tokens: int = 0,
+) -> None:
     """Completions (and their ratings) as the conversation log would have written them."""
     engine = make_engine(url)
     now = datetime.now(UTC)
@@ -104,19 +115,36 @@ def insert_outcomes(url: str, experiment: str, variant: str, version: str, *, n:
         conversations.append({"id": conv, "user_key": f"u{i}", "created_at": now, "last_active_at": now})
         completions.append(
             {
-                "id": cid, "conversation_id": conv, "user_key": f"u{i}", "created_at": now,
-                "model_version": version, "experiment": experiment, "variant": variant, "messages": USER,
-                "prompt_hash": "h", "response": "r", "sampling": {}, "latency_ms": latency_ms,
-                "ttft_ms": ttft_ms, "completion_tokens": tokens,
-                "error": "boom" if i < errors else None, "redacted": True,
+                "id": cid,
+                "conversation_id": conv,
+                "user_key": f"u{i}",
+                "created_at": now,
+                "model_version": version,
+                "experiment": experiment,
+                "variant": variant,
+                "messages": USER,
+                "prompt_hash": "h",
+                "response": "r",
+                "sampling": {},
+                "latency_ms": latency_ms,
+                "ttft_ms": ttft_ms,
+                "completion_tokens": tokens,
+                "error": "boom" if i < errors else None,
+                "redacted": True,
             }
-        )  # fmt: skip
+        )
         if i < rated:
             thumb = "up" if i < positive else "down"
             ratings.append(
-                {"completion_id": cid, "user_key": f"u{i}", "thumb": thumb, "tags": [], "created_at": now,
-                 "updated_at": now}
-            )  # fmt: skip
+                {
+                    "completion_id": cid,
+                    "user_key": f"u{i}",
+                    "thumb": thumb,
+                    "tags": [],
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
     with engine.begin() as connection:
         connection.execute(Conversation.__table__.insert(), conversations)
         connection.execute(Completion.__table__.insert(), completions)
@@ -186,7 +214,7 @@ def test_a_version_registered_while_the_registry_changes_elsewhere_stays_loaded(
         release.wait(10)
         return register_version(**kwargs)
 
-    monkeypatch.setattr("serving.watcher.register_version", held)
+    monkeypatch.setattr("serving.registry_sync.register_version", held)
     engine = FakeEngine()
     with app_client(ab_settings, engine) as client, ThreadPoolExecutor(1) as pool:
         registering = pool.submit(register, client, admin_headers, "v1", tmp_path / "v1")
@@ -359,8 +387,11 @@ def test_side_by_side_choices_during_an_experiment_count_in_it(
             pair = client.post("/v1/chat/compare", json={**ask, "user": f"user-{i}"}).json()
             by_model = {c["model"]: c["id"] for c in pair["completions"]}
             assert set(by_model) == {"fake-base", "v1"}
-            choice = {"chosen_completion_id": by_model["v1"], "rejected_completion_id": by_model["fake-base"],
-                      "user": f"user-{i}"}  # fmt: skip
+            choice = {
+                "chosen_completion_id": by_model["v1"],
+                "rejected_completion_id": by_model["fake-base"],
+                "user": f"user-{i}",
+            }
             assert client.post("/v1/feedback/preference", json=choice).status_code in (200, 201)
         # Naming the versions compares them outside the experiment: not counted.
         named = client.post("/v1/chat/compare", json={**ask, "models": ["fake-base", "v1"]}).json()
@@ -389,8 +420,13 @@ def test_side_by_side_choices_during_an_experiment_count_in_it(
 def test_the_ramp_advances_after_the_minimum_samples(ab_settings: Settings, admin_headers, tmp_path: Path):
     with app_client(ab_settings) as client:
         register(client, admin_headers, "v1", tmp_path / "v1")
-        started = start(client, admin_headers, ramp=[5, 25, 50], min_samples_per_stage=10,
-                        variants=[{"name": "cand", "version": "v1"}])  # fmt: skip
+        started = start(
+            client,
+            admin_headers,
+            ramp=[5, 25, 50],
+            min_samples_per_stage=10,
+            variants=[{"name": "cand", "version": "v1"}],
+        )
         assert [v["weight"] for v in started["variants"]] == [95, 5]
         insert_outcomes(ab_settings.db_url, "exp1", "cand", "v1", n=9)
         assert (

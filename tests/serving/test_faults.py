@@ -25,8 +25,12 @@ def test_sigterm_drains_a_stream_in_flight(base_model_path: Path, tmp_path: Path
     first = threading.Event()
 
     def stream() -> None:
-        body = {"messages": [{"role": "user", "content": "Count to a hundred."}], "max_tokens": 96,
-                "ignore_eos": True, "stream": True}  # fmt: skip
+        body = {
+            "messages": [{"role": "user", "content": "Count to a hundred."}],
+            "max_tokens": 96,
+            "ignore_eos": True,
+            "stream": True,
+        }
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():
                 if line.startswith("data: "):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from loopchat.settings import Settings
 from serving.app import create_app
 from serving.chat_protocol import SEED_MAX, ChatCompletionRequest
 from serving.errors import APIError
-from serving.settings import Settings
 from tests.conftest import wait_ready
 from tests.utils.fake_engine import FakeEngine
 

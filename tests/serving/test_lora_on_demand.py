@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from loopchat.settings import Settings
 from serving.adapters import AdapterSet, Admission
 from serving.app import create_app
 from serving.chat import ChatService
 from serving.chat_protocol import ChatCompletionRequest
 from serving.engine.base import EngineError, LoRACapacity
 from serving.openai_layer import build_openai_layer, serve_arguments
-from serving.settings import Settings
 from serving.weights import WeightStore
 from tests.conftest import ADMIN_TOKEN, wait_ready
 from tests.utils.adapters import make_lora_adapter

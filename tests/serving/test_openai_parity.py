@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import LiveServer, free_port
-from tests.utils.processes import wait_for_ready
+from loopchat.local_server import ServerProcess, free_port
+from tests.conftest import LiveServer
 
 pytestmark = pytest.mark.engine
 
@@ -99,23 +98,30 @@ def vllm_server(base_model_path: Path, tmp_path_factory: pytest.TempPathFactory)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPCHAT_")}  # vLLM as users run it
     env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(base_model_path),
-        "--served-model-name", "loopchat",
-        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-        "--dtype", "float32", "--enforce-eager",  # the engine loopchat runs in the suite (conftest)
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(base_model_path),
+        "--served-model-name",
+        "loopchat",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
+        "--dtype",
+        "float32",
+        "--enforce-eager",  # the engine loopchat runs in the suite (conftest)
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = ServerProcess(command, log_path=log, env=env, name="vllm").start()
     try:
-        wait_for_ready(process, f"http://127.0.0.1:{port}/health", log, timeout=400)
+        server.wait_ready(f"http://127.0.0.1:{port}/health", timeout=400)
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(process.pid, 15)
-        process.wait(60)
+        server.stop()
 
 
 def _client(url: str) -> openai.OpenAI:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.experiment_spec import CONTROL, assign, bucket, stage_weights
+from rollout.experiment_spec import CONTROL, assign, bucket, stage_weights
 from serving.router import ABRouter, ExperimentRoute, Route, RoutingTable
 
 VARIANTS = [

@@ -15,8 +15,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from loopchat.settings import Settings
 from serving.app import create_app
-from serving.settings import Settings
 from tests.conftest import ADMIN_TOKEN
 from tests.utils.fake_engine import FakeEngine
 from tests.utils.processes import serve_in_thread

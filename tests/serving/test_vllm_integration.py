@@ -357,8 +357,14 @@ def test_promotion_merges_the_version_and_every_version_answers_as_peft(
         ]
 
     def stream(i: int) -> int:
-        body = {"messages": PROMPT, "max_tokens": 48, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}, "user": f"merge-user-{i}"}  # fmt: skip
+        body = {
+            "messages": PROMPT,
+            "max_tokens": 48,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "user": f"merge-user-{i}",
+        }
         tokens = 0
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
             assert response.status_code == 200

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.engine.base import AdapterLoadError
+from loopchat.errors import AdapterLoadError
 from serving.weights import LowRank, delta, merge_adapter, read_lora, write_delta_adapter, write_lora
 from tests.utils.adapters import make_lora_adapter
 

@@ -27,9 +27,15 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def test_two_workers_report_one_set_of_metrics(base_model_path: Path, tmp_path: Path) -> None:
     # Its own data folder: the workers' spools and metric files are looked at below.
-    server = start_server(tmp_path, base_model_path, "--workers", "2", LOOPCHAT_DATA_DIR=str(tmp_path),
-                          LOOPCHAT_ENGINE__MAX_MODEL_LEN="1024",
-                          VLLM_CACHE_ROOT=str(data_dir() / "cache" / "vllm"))  # fmt: skip
+    server = start_server(
+        tmp_path,
+        base_model_path,
+        "--workers",
+        "2",
+        LOOPCHAT_DATA_DIR=str(tmp_path),
+        LOOPCHAT_ENGINE__MAX_MODEL_LEN="1024",
+        VLLM_CACHE_ROOT=str(data_dir() / "cache" / "vllm"),
+    )
     url = server.url
     try:
         # Ready when both workers are: probes land on either, so ask until a run of them agrees.

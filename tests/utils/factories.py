@@ -31,12 +31,22 @@ def log_completion(
     completion_id, conversation_id = f"chatcmpl-{uuid.uuid4().hex}", f"conv-{uuid.uuid4().hex}"
     messages = [{"role": "user", "content": prompt}]
     row: dict[str, Any] = {
-        "id": completion_id, "conversation_id": conversation_id, "user_key": user, "created_at": now,
-        "model_version": version, "experiment": "", "variant": "", "messages": messages,
+        "id": completion_id,
+        "conversation_id": conversation_id,
+        "user_key": user,
+        "created_at": now,
+        "model_version": version,
+        "experiment": "",
+        "variant": "",
+        "messages": messages,
         "prompt_hash": hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest(),
-        "response": response, "sampling": {}, "latency_ms": 50.0, "logprob_mean": logprob_mean,
-        "logprob_min": logprob_mean, "redacted": True,
-    }  # fmt: skip
+        "response": response,
+        "sampling": {},
+        "latency_ms": 50.0,
+        "logprob_mean": logprob_mean,
+        "logprob_min": logprob_mean,
+        "redacted": True,
+    }
     with engine.begin() as connection:
         connection.execute(
             Conversation.__table__.insert(),
@@ -44,9 +54,17 @@ def log_completion(
         )
         connection.execute(Completion.__table__.insert(), row)
         if thumb or score or correction or comment:
-            rating = {"completion_id": completion_id, "user_key": user, "thumb": thumb, "score": score,
-                      "correction": correction, "comment": comment, "tags": [], "created_at": now,
-                      "updated_at": now}  # fmt: skip
+            rating = {
+                "completion_id": completion_id,
+                "user_key": user,
+                "thumb": thumb,
+                "score": score,
+                "correction": correction,
+                "comment": comment,
+                "tags": [],
+                "created_at": now,
+                "updated_at": now,
+            }
             connection.execute(Rating.__table__.insert(), rating)
     return completion_id
 
@@ -54,7 +72,12 @@ def log_completion(
 def log_preference(engine: Engine, chosen: str, rejected: str, *, user: str = "u") -> None:
     now = datetime.now(UTC)
     with engine.begin() as connection:
-        row = {"pair_key": pair_key(chosen, rejected), "chosen_completion_id": chosen,
-               "rejected_completion_id": rejected, "user_key": user, "created_at": now,
-               "updated_at": now}  # fmt: skip
+        row = {
+            "pair_key": pair_key(chosen, rejected),
+            "chosen_completion_id": chosen,
+            "rejected_completion_id": rejected,
+            "user_key": user,
+            "created_at": now,
+            "updated_at": now,
+        }
         connection.execute(Preference.__table__.insert(), row)

@@ -15,7 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from serving.engine.base import AdapterLoadError, AdapterSpec, EngineNotReady, EngineStats, LoRACapacity
+from loopchat.errors import AdapterLoadError
+from serving.engine.base import AdapterSpec, EngineNotReady, EngineStats, LoRACapacity
 from tests.utils.model import embedded_model_path
 
 

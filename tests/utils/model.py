@@ -16,6 +16,6 @@ def data_dir() -> Path:
 @lru_cache(maxsize=1)
 def embedded_model_path() -> Path:
     """The embedded model's folder, prepared on first use."""
-    from serving.embedded_model import prepare
+    from loopchat.embedded_model import prepare
 
     return prepare(data_dir() / "models" / "SmolLM2-135M-Instruct")

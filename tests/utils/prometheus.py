@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.utils.processes import wait_for_ready
+from loopchat.local_server import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules" / "loopchat.yml"
@@ -62,13 +61,15 @@ class PrometheusServer:
         config_path = workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
         self.log = workdir / "prometheus.log"
-        with self.log.open("w") as out:
-            self.process = subprocess.Popen(
-                ["prometheus", f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        wait_for_ready(self.process, f"{self.url}/-/ready", self.log, timeout=60, interval=0.2)
+        command = [
+            "prometheus",
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+        self.server = ServerProcess(command, log_path=self.log, name="prometheus").start()
+        self.server.wait_ready(f"{self.url}/-/ready", timeout=60, interval=0.2)
 
     def api(self, path: str, **params: Any) -> Any:
         response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=30)
@@ -82,9 +83,4 @@ class PrometheusServer:
         return self.api("query", query=expr)["result"]
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.server.stop(timeout=30)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.experiment_spec import load_specs
+from rollout.experiment_spec import load_specs
 from tests.serving.test_experiments_api import insert_outcomes, rows
 from tests.utils.adapters import make_adapter_dir
 
@@ -28,7 +28,7 @@ def cli(tmp_path: Path):
 
     def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [sys.executable, "-m", "serving.cli", *args],
+            [sys.executable, "-m", "loopchat.cli", *args],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -52,8 +52,16 @@ def adapter(tmp_path: Path, name: str) -> Path:
 
 
 def test_register_start_report_and_roll_back(cli, tmp_path: Path) -> None:
-    out = cli("adapters", "register", "v1", str(adapter(tmp_path, "v1")), "--dataset-version", "ds-1",
-              "--metrics", '{"perplexity": 3.2}').stdout  # fmt: skip
+    out = cli(
+        "adapters",
+        "register",
+        "v1",
+        str(adapter(tmp_path, "v1")),
+        "--dataset-version",
+        "ds-1",
+        "--metrics",
+        '{"perplexity": 3.2}',
+    ).stdout
     assert "registered v1 (candidate)" in out
     listed = cli("adapters", "list").stdout
     assert "fake-base" in listed and "v1" in listed and "candidate" in listed and "ds-1" in listed

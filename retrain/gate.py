@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import statistics
-from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from retrain.config import GateConfig
 from retrain.dataset import DatasetManifest
+from retrain.text_metrics import token_f1
 
 if TYPE_CHECKING:
     from retrain.bias import BiasResult
@@ -76,17 +76,6 @@ class GateResult:
 
     def metrics(self) -> dict[str, Any]:
         return {"candidate": self.candidate.as_dict(), "champion": self.champion.as_dict(), **self.extra}
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    predicted, expected = prediction.lower().split(), reference.lower().split()
-    if not predicted or not expected:
-        return float(predicted == expected)
-    common = sum((Counter(predicted) & Counter(expected)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(expected)
-    return 2 * precision * recall / (precision + recall)
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 Action = Literal["hold", "promote", "rollback"]
 # What a policy decides on: judged ratings (thumbs, stars other than 3), side-by-side choices
 # between the candidate and the control, or both.
@@ -165,25 +167,41 @@ def predicted_samples_per_arm(
     return low
 
 
-@dataclass(frozen=True, slots=True)
-class DecisionPolicy:
-    alpha: float = 0.05
-    tau: float = 0.08
-    # Judged ratings per arm, or choices between the candidate and the control, before a decision.
-    min_ratings_per_variant: int = 100
-    metric: Metric = "ratings"
-    # Guardrails: checked once a variant has served `guardrail_min_requests` requests.
-    guardrail_min_requests: int = 20
-    max_error_rate: float = 0.05
-    max_latency_p95_ratio: float = 1.5
-    # Negative-feedback guardrail: candidate's negative rate minus the control's.
-    max_negative_rate_increase: float = 0.15
-    guardrail_min_ratings: int = 30
+class DecisionPolicy(BaseModel):
+    """When to promote and when to roll back: the sequential test's error rate and effect size,
+    and the guardrails. Written as `policy:` in an experiment spec and `canary_policy:` in the
+    retraining config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="Error rate of a promotion or roll-back on the metric."
+    )
+    tau: float = Field(0.08, gt=0, le=1, description="Effect size (rate difference) the test is tuned for.")
+    min_ratings_per_variant: int = Field(
+        100,
+        ge=1,
+        description="Judged ratings per arm (or choices between candidate and control) before a decision.",
+    )
+    metric: Metric = Field(
+        "ratings",
+        description="Decide on judged ratings, on side-by-side choices between candidate and control "
+        "(the candidate's share against 1/2), or on both (each at alpha/2).",
+    )
+    guardrail_min_requests: int = Field(
+        20, ge=1, description="Requests a variant serves before the error and latency guardrails apply."
+    )
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    max_latency_p95_ratio: float = Field(1.5, gt=1, description="Candidate p95 over control p95.")
+    max_negative_rate_increase: float = Field(
+        0.15, gt=0, le=1, description="Candidate's negative rate minus the control's."
+    )
+    guardrail_min_ratings: int = Field(30, ge=1, description="Judged ratings per arm before that guardrail.")
 
 
 @dataclass(slots=True)
 class VariantOutcome:
-    """What one variant's traffic produced (see feedback.outcomes)."""
+    """What one variant's traffic produced (see rollout.outcomes)."""
 
     variant: str
     model_version: str
@@ -287,8 +305,14 @@ def guardrail_breach(
     if candidate.judged >= policy.guardrail_min_ratings and control.judged >= policy.guardrail_min_ratings:
         # A spike of negative ratings: larger than the margin and beyond chance (the same
         # always-valid test, on the negative rate), so checking often does not cause false alarms.
-        spike = msprt(control.negative, control.judged, candidate.negative, candidate.judged,
-                      tau=policy.tau, alpha=policy.alpha)  # fmt: skip
+        spike = msprt(
+            control.negative,
+            control.judged,
+            candidate.negative,
+            candidate.judged,
+            tau=policy.tau,
+            alpha=policy.alpha,
+        )
         increase = spike.difference or 0.0
         if increase > policy.max_negative_rate_increase and spike.crossed(policy.alpha):
             return (

@@ -1,10 +1,10 @@
 """A/B experiments and canaries on the alias: starting, changing, evaluating and ending them.
 
 An experiment splits the traffic of the alias `loopchat` between a control version and one or
-more candidate versions (definitions and assignment: serving/experiment_spec.py). A ramp raises the
+more candidate versions (definitions and assignment: rollout/experiment_spec.py). A ramp raises the
 candidates' share stage by stage (for example 5, 25, 50 percent) once each candidate has served
 `min_samples_per_stage` requests at the current stage. `ExperimentService.evaluate` runs the
-guardrails and the always-valid test (monitoring/abstats.py) and applies the decision:
+guardrails and the always-valid test (rollout/abstats.py) and applies the decision:
 promote, roll back, ramp or keep. Every decision is stored in `ab_decision` with its numbers and
 bumps the registry revision, so each serving process re-routes within its poll interval.
 """
@@ -21,10 +21,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from feedback.models import ABDecision, Experiment, ModelVersionRecord, utcnow
-from feedback.outcomes import experiment_outcomes
-from monitoring.abstats import Decision, VariantOutcome, decide, tests_per_alpha
-from monitoring.abstats import tests as decision_tests
-from serving.experiment_spec import (
+from rollout.abstats import Decision, VariantOutcome, decide, tests_per_alpha
+from rollout.abstats import tests as decision_tests
+from rollout.experiment_spec import (
     CONTROL,
     ExperimentError,
     ExperimentNotFoundError,
@@ -33,7 +32,8 @@ from serving.experiment_spec import (
     stage_weights,
     weights_of,
 )
-from serving.registry import (
+from rollout.outcomes import experiment_outcomes
+from rollout.registry import (
     VersionConflictError,
     VersionNotFoundError,
     active_version,
@@ -84,7 +84,7 @@ class ExperimentService:
         experiment = self.get(name)
         spec = ExperimentSpec.model_validate(experiment.spec)
         outcomes = self.outcomes(experiment)
-        policy = spec.policy.policy()
+        policy = spec.policy
         candidates = [v for v in experiment.variants if v["name"] != CONTROL and not v.get("disabled")]
         k = max(1, len(candidates))
         # Per candidate, each test the policy decides on: the ratings test (or, for a policy on
@@ -191,8 +191,15 @@ class ExperimentService:
             )
             return self._commit(session, experiment)
 
-    def promote(self, name: str, variant: str | None = None, *, actor: str = "operator", reason: str = "",
-                numbers: dict | None = None) -> Experiment:  # fmt: skip
+    def promote(
+        self,
+        name: str,
+        variant: str | None = None,
+        *,
+        actor: str = "operator",
+        reason: str = "",
+        numbers: dict | None = None,
+    ) -> Experiment:
         with Session(self._engine) as session:
             experiment = self._running(session, name)
             winner = self._candidate(experiment, variant)
@@ -205,12 +212,28 @@ class ExperimentService:
             variants = [
                 {**v, "weight": 100.0 if v["name"] == winner["name"] else 0.0} for v in experiment.variants
             ]
-            self._apply(session, experiment, "promote", actor, reason or "promoted by hand", variants,
-                        variant=winner["name"], numbers=numbers, status="promoted")  # fmt: skip
+            self._apply(
+                session,
+                experiment,
+                "promote",
+                actor,
+                reason or "promoted by hand",
+                variants,
+                variant=winner["name"],
+                numbers=numbers,
+                status="promoted",
+            )
             return self._commit(session, experiment)
 
-    def rollback(self, name: str, variant: str | None = None, *, actor: str = "operator", reason: str = "",
-                 numbers: dict | None = None) -> Experiment:  # fmt: skip
+    def rollback(
+        self,
+        name: str,
+        variant: str | None = None,
+        *,
+        actor: str = "operator",
+        reason: str = "",
+        numbers: dict | None = None,
+    ) -> Experiment:
         """Reject one candidate (default: all) and send its traffic to the control."""
         with Session(self._engine) as session:
             experiment = self._running(session, name)
@@ -230,8 +253,17 @@ class ExperimentService:
             else:
                 variants = [{**v, "weight": 0.0} if v["name"] in lost else v for v in variants]
                 variants[0]["weight"] = 100.0 - sum(v["weight"] for v in variants[1:])
-            self._apply(session, experiment, "rollback", actor, why, variants, variant=variant,
-                        numbers=numbers, status=None if remaining else "rolled_back")  # fmt: skip
+            self._apply(
+                session,
+                experiment,
+                "rollback",
+                actor,
+                why,
+                variants,
+                variant=variant,
+                numbers=numbers,
+                status=None if remaining else "rolled_back",
+            )
             return self._commit(session, experiment)
 
     def stop(self, name: str, *, actor: str = "operator") -> Experiment:
@@ -254,7 +286,7 @@ class ExperimentService:
         spec = ExperimentSpec.model_validate(experiment.spec)
         outcomes = self.outcomes(experiment)
         enabled = self._enabled(experiment)
-        decision = decide(outcomes[CONTROL], [outcomes[v["name"]] for v in enabled], spec.policy.policy())
+        decision = decide(outcomes[CONTROL], [outcomes[v["name"]] for v in enabled], spec.policy)
         decision.numbers["outcomes"] = {k: o.as_dict() for k, o in outcomes.items()}
         if not spec.auto:
             return decision
@@ -300,8 +332,16 @@ class ExperimentService:
                 raise StaleExperimentError
             variants = stage_weights(current.variants, percent)
             requests = {k: o.requests for k, o in at_stage.items()}
-            self._apply(session, current, "ramp", "auto", reason, variants, stage=stage,
-                        numbers={"requests_at_stage": requests})  # fmt: skip
+            self._apply(
+                session,
+                current,
+                "ramp",
+                "auto",
+                reason,
+                variants,
+                stage=stage,
+                numbers={"requests_at_stage": requests},
+            )
             self._commit(session, current)
         return Decision("ramp", reason, None, {"stage": stage, "percent": percent})
 
@@ -310,7 +350,7 @@ class ExperimentService:
             return None
         record = session.get(ModelVersionRecord, version)
         if record is None:
-            raise VersionNotFoundError(version)
+            raise VersionNotFoundError(version, param="variants")
         if record.status in ("rejected", "retired"):
             raise ExperimentError(f"{what}: version {version!r} is {record.status}")
         return record

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, and_, case, func, or_, select
 from sqlalchemy.orm import aliased
 
 from feedback.models import Completion, Preference, Rating
-from monitoring.abstats import VariantOutcome
+from rollout.abstats import VariantOutcome
 
 # Latency percentiles are computed from at most this many recent completions per experiment.
 LATENCY_SAMPLE = 50_000

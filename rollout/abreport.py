@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from feedback.outcomes import RatingPoint
-from monitoring.abstats import rejection_radius
+from rollout.abstats import rejection_radius
+from rollout.outcomes import RatingPoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +60,9 @@ def plot_rates(series: dict[str, list[RatePoint]], out: Path, *, title: str) -> 
     for variant, rows in sorted(series.items()):
         times = [r.at for r in rows]
         line = axes.plot(times, [r.rate for r in rows], marker=".", label=f"{variant} (n={rows[-1].judged})")
-        axes.fill_between(times, [r.low for r in rows], [r.high for r in rows], alpha=0.2,
-                          color=line[0].get_color())  # fmt: skip
+        axes.fill_between(
+            times, [r.low for r in rows], [r.high for r in rows], alpha=0.2, color=line[0].get_color()
+        )
     axes.set_ylim(0, 1)
     axes.set_ylabel("positive rate (judged ratings)")
     axes.set_xlabel("time (UTC)")

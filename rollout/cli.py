@@ -7,15 +7,24 @@ follows within its poll interval (LOOPCHAT_AB__POLL_INTERVAL_S).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from serving.cli_common import database, fail
+from feedback.cli import database
+from loopchat.console import fail
+from loopchat.errors import LoopchatError
 
 adapters_app = typer.Typer(help="Model versions (LoRA adapters) in the registry.", no_args_is_help=True)
 ab_app = typer.Typer(help="A/B experiments and canaries on the alias `loopchat`.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(adapters_app, name="adapters")
+    app.add_typer(ab_app, name="ab")
 
 
 def _console():
@@ -39,12 +48,10 @@ def adapters_list(
     from rich.table import Table
     from sqlmodel import Session
 
-    from serving.registry import list_versions
+    from rollout.registry import list_versions
 
-    settings, engine = database()
-    with Session(engine) as session:
+    with database() as (settings, engine), Session(engine) as session:
         rows = list_versions(session=session, status=status)
-    engine.dispose()
     table = Table("name", "status", "parent", "dataset", "run", "created (UTC)", "adapter", "reason")
     table.add_row(settings.model_name, "base", "", "", "", "", str(settings.model_path), "")
     for row in rows:
@@ -64,52 +71,48 @@ def adapters_register(
     metrics: Annotated[str | None, typer.Option(help="Evaluation metrics as a JSON object.")] = None,
 ) -> None:
     """Register an adapter as a candidate version; every server loads it."""
-    import re
-
     from sqlmodel import Session
 
-    from serving.engine.base import AdapterLoadError
-    from serving.registry import (
-        RegistryError,
-        VersionInfo,
+    from loopchat.names import check_version_name
+    from rollout.registry import (
+        Lineage,
         check_adapter_base,
         read_adapter_config,
         register_version,
     )
-    from serving.settings import ALIAS_MODEL
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", name):
-        raise fail("a version name is 1-128 letters, digits, _ . : - and starts with a letter or digit")
     try:
         parsed = json.loads(metrics) if metrics else {}
     except json.JSONDecodeError as exc:
         raise fail(f"--metrics is not JSON: {exc}") from exc
     if not isinstance(parsed, dict):
         raise fail("--metrics must be a JSON object")
-    settings, engine = database()
-    if name in (ALIAS_MODEL, settings.model_name):
-        raise fail(f"{name!r} is reserved")
-    if not path.is_dir():
-        raise fail(f"{path} is not a folder")
-    try:
-        config = read_adapter_config(path, max_rank=settings.engine.max_lora_rank)
-        check_adapter_base(config, base_model=settings.model_path, base_name=settings.model_name)
-        with Session(engine) as session:
-            info = VersionInfo(parent or settings.model_name, dataset_version, training_run, parsed)
-            register_version(session=session, name=name, adapter_path=path.resolve(),
-                             base_model=settings.model_name, info=info)  # fmt: skip
-            session.commit()
-    except (AdapterLoadError, RegistryError) as exc:
-        raise fail(str(exc)) from exc
-    finally:
-        engine.dispose()
+    with database() as (settings, engine):
+        if not path.is_dir():
+            raise fail(f"{path} is not a folder")
+        try:
+            check_version_name(name, base_name=settings.model_name)
+            config = read_adapter_config(path, max_rank=settings.engine.max_lora_rank)
+            check_adapter_base(config, base_model=settings.model_path, base_name=settings.model_name)
+            with Session(engine) as session:
+                info = Lineage(parent or settings.model_name, dataset_version, training_run, parsed)
+                register_version(
+                    session=session,
+                    name=name,
+                    adapter_path=path.resolve(),
+                    base_model=settings.model_name,
+                    info=info,
+                )
+                session.commit()
+        except LoopchatError as exc:
+            raise fail(exc.message) from exc
     typer.echo(f"registered {name} (candidate); servers load it within {settings.ab.poll_interval_s:g} s")
 
 
 @adapters_app.command("retire")
 def adapters_retire(name: Annotated[str, typer.Argument(help="Version name.")]) -> None:
     """Take a version out of service; every server unloads it."""
-    _registry_change(name, lambda session, _settings: _retire(session, name))
+    _registry_change(lambda session, _settings: _retire(session, name))
     typer.echo(f"retired {name}")
 
 
@@ -118,60 +121,57 @@ def adapters_activate(
     name: Annotated[str, typer.Argument(help="Version name, or the base model's name.")],
 ) -> None:
     """Make a version the one the alias `loopchat` serves (outside any experiment)."""
-    from serving.registry import activate
+    from rollout.registry import activate
 
     _registry_change(
-        name, lambda session, settings: activate(session=session, name=name, base_name=settings.model_name)
+        lambda session, settings: activate(session=session, name=name, base_name=settings.model_name)
     )
     typer.echo(f"active: {name}")
 
 
 def _retire(session, name: str) -> None:
-    from serving.registry import retire_version
+    from rollout.registry import retire_version
 
     retire_version(session=session, name=name)
 
 
-def _registry_change(name: str, change) -> None:
+def _registry_change(change) -> None:
     from sqlmodel import Session
 
-    from serving.registry import RegistryError, VersionNotFoundError
-
-    settings, engine = database()
-    try:
-        with Session(engine) as session:
-            change(session, settings)
-            session.commit()
-    except VersionNotFoundError:
-        raise fail(f"no model version {name!r}") from None
-    except RegistryError as exc:
-        raise fail(str(exc)) from exc
-    finally:
-        engine.dispose()
+    with database() as (settings, engine), Session(engine) as session:
+        _run(change, session, settings)
+        session.commit()
 
 
 # -- experiments -------------------------------------------------------------------------------
 
 
-def _service():
-    from serving.experiments import ExperimentService
+@contextmanager
+def _service() -> Iterator[tuple[Any, Any]]:
+    """The experiment service on the configured database, and that database."""
+    from rollout.experiments import ExperimentService
 
-    settings, engine = database()
-    return ExperimentService(engine, base_name=settings.model_name), engine
+    with database() as (settings, engine):
+        yield ExperimentService(engine, base_name=settings.model_name), engine
 
 
 def _run(call, *args, **kwargs) -> Any:
-    from serving.experiment_spec import ExperimentNotFoundError
-    from serving.registry import RegistryError, VersionNotFoundError
-
+    """A service call; a domain error becomes the command's error line."""
     try:
         return call(*args, **kwargs)
-    except ExperimentNotFoundError as exc:
-        raise fail(f"no experiment {exc}") from None
-    except VersionNotFoundError as exc:
-        raise fail(f"no model version {exc}") from None
-    except RegistryError as exc:
-        raise fail(str(exc)) from exc
+    except LoopchatError as exc:
+        raise _failure(exc) from None
+
+
+def _failure(exc: LoopchatError) -> typer.Exit:
+    from rollout.experiment_spec import ExperimentNotFoundError
+    from rollout.registry import VersionNotFoundError
+
+    if isinstance(exc, ExperimentNotFoundError):
+        return fail(f"no experiment {exc.name!r}")
+    if isinstance(exc, VersionNotFoundError):
+        return fail(f"no model version {exc.name!r}")
+    return fail(exc.message)
 
 
 @ab_app.command("start")
@@ -180,7 +180,7 @@ def ab_start(
     name: Annotated[str | None, typer.Option(help="Start only this experiment of the file.")] = None,
 ) -> None:
     """Start an experiment defined in YAML (see deploy/experiments.example.yaml)."""
-    from serving.experiment_spec import load_specs
+    from rollout.experiment_spec import load_specs
 
     specs = _run(load_specs, file)
     if name is not None:
@@ -189,9 +189,8 @@ def ab_start(
             raise fail(f"{file} has no experiment {name!r}")
     if len(specs) != 1:
         raise fail(f"{file} defines {len(specs)} experiments; choose one with --name")
-    service, engine = _service()
-    experiment = _run(service.start, specs[0])
-    engine.dispose()
+    with _service() as (service, _):
+        experiment = _run(service.start, specs[0])
     typer.echo(f"started {experiment.name}: " + _weights_text(experiment.variants))
 
 
@@ -200,10 +199,9 @@ def ab_status(
     name: Annotated[str | None, typer.Argument(help="Experiment; default: the running one.")] = None,
 ):
     """Weights, outcomes per variant and the always-valid test of each candidate."""
-    service, engine = _service()
-    name = name or _running_name(service)
-    _print_status(_run(service.status, name))
-    engine.dispose()
+    with _service() as (service, _):
+        name = name or _running_name(service)
+        _print_status(_run(service.status, name))
 
 
 @ab_app.command("weights")
@@ -223,9 +221,8 @@ def ab_weights(
             raise fail(f"{item!r} is not VARIANT=PERCENT") from None
         if not sep or not variant:
             raise fail(f"{item!r} is not VARIANT=PERCENT")
-    service, engine = _service()
-    experiment = _run(service.set_weights, name, parsed)
-    engine.dispose()
+    with _service() as (service, _):
+        experiment = _run(service.set_weights, name, parsed)
     typer.echo(f"{name}: " + _weights_text(experiment.variants))
 
 
@@ -236,9 +233,8 @@ def ab_promote(
     reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
 ) -> None:
     """Make a candidate the active version and end the experiment."""
-    service, engine = _service()
-    _run(service.promote, name, variant, reason=reason)
-    engine.dispose()
+    with _service() as (service, _):
+        _run(service.promote, name, variant, reason=reason)
     typer.echo(f"{name}: promoted")
 
 
@@ -249,18 +245,16 @@ def ab_rollback(
     reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
 ) -> None:
     """Reject a candidate and send its traffic to the control."""
-    service, engine = _service()
-    experiment = _run(service.rollback, name, variant, reason=reason)
-    engine.dispose()
+    with _service() as (service, _):
+        experiment = _run(service.rollback, name, variant, reason=reason)
     typer.echo(f"{name}: rolled back ({experiment.status})")
 
 
 @ab_app.command("stop")
 def ab_stop(name: Annotated[str, typer.Argument(help="Experiment.")]) -> None:
     """End an experiment without a winner."""
-    service, engine = _service()
-    _run(service.stop, name)
-    engine.dispose()
+    with _service() as (service, _):
+        _run(service.stop, name)
     typer.echo(f"{name}: stopped")
 
 
@@ -270,15 +264,14 @@ def ab_report(
     png: Annotated[Path | None, typer.Option(help="Chart file; default: <name>.png here.")] = None,
 ) -> None:
     """The status table, every decision, and a PNG chart of each variant's rate over time."""
-    from feedback.outcomes import judged_ratings
-    from monitoring.abreport import plot_rates, rate_series
+    from rollout.abreport import plot_rates, rate_series
+    from rollout.outcomes import judged_ratings
 
-    service, engine = _service()
-    status = _run(service.status, name)
-    _print_status(status)
-    policy = status["experiment"].spec.get("policy", {})
-    series = rate_series(judged_ratings(engine, name), alpha=status["alpha"], tau=policy.get("tau", 0.08))
-    engine.dispose()
+    with _service() as (service, engine):
+        status = _run(service.status, name)
+        _print_status(status)
+        policy = status["experiment"].spec.get("policy", {})
+        series = rate_series(judged_ratings(engine, name), alpha=status["alpha"], tau=policy.get("tau", 0.08))
     out = plot_rates(
         series, png or Path(f"{name}.png"), title=f"{name}: positive rate, always-valid interval"
     )
@@ -308,9 +301,24 @@ def _print_status(status: dict) -> None:
     console.print(
         f"[bold]{experiment.name}[/bold] ({experiment.status}{stage}): {_weights_text(experiment.variants)}"
     )
-    columns = ("variant", "version", "requests", "errors", "p95 ms", "TTFT p95", "ms/token p95", "tokens",
-               "judged", "positive", "stars", "corrections", "win rate", "diff vs control", "always-valid p",
-               "interval")  # fmt: skip
+    columns = (
+        "variant",
+        "version",
+        "requests",
+        "errors",
+        "p95 ms",
+        "TTFT p95",
+        "ms/token p95",
+        "tokens",
+        "judged",
+        "positive",
+        "stars",
+        "corrections",
+        "win rate",
+        "diff vs control",
+        "always-valid p",
+        "interval",
+    )
     table = Table(*columns)
     for variant, outcome in status["outcomes"].items():
         test = status["tests"].get(variant)

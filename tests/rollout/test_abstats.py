@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from monitoring.abstats import (
+from rollout.abstats import (
     DecisionPolicy,
     VariantOutcome,
     decide,

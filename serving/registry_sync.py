@@ -1,12 +1,11 @@
-"""Keeps one serving process in step with the registry, and evaluates the running experiment.
+"""Keeps one serving process in step with the registry.
 
 `RegistryWatcher.sync` reads the registry revision (one tiny query); when it changed, it loads
 the servable versions this process lacks, unloads the ones taken out of service, points the
 alias at the active version and hands the router a new table. Every replica runs one, so a
 version registered or promoted anywhere is served everywhere within `poll_interval_s`.
-`ExperimentEvaluator` runs the decision rule of the running experiment every
-`evaluation_interval_s`; with several replicas each may evaluate, and the experiment's
-optimistic lock lets only the first apply a given decision.
+`register_adapter` and `bootstrap_registry` record versions from this process; the running
+experiment's decisions are made by `rollout.evaluator.ExperimentEvaluator`.
 """
 
 from __future__ import annotations
@@ -23,26 +22,27 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, select
 
 from feedback.models import Experiment, ModelVersionRecord, ServingReplica
+from loopchat.errors import AdapterLoadError
+from loopchat.names import check_version_name
 from monitoring.metrics import ExperimentMetrics
-from serving.adapters import AdapterConflictError, AdapterSet, UnknownModelError
-from serving.engine.base import AdapterLoadError, EngineError
-from serving.experiment_spec import ExperimentNotFoundError, load_specs
-from serving.experiments import ExperimentService
-from serving.registry import (
+from rollout.experiment_spec import ExperimentNotFoundError, load_specs
+from rollout.experiments import ExperimentService
+from rollout.registry import (
+    Lineage,
     VersionConflictError,
-    VersionInfo,
     activate,
     active_version,
     check_adapter_base,
-    current_revision,
     list_versions,
     read_adapter_config,
     register_version,
+    registry_revision,
     report_replica,
     servable_versions,
 )
+from serving.adapters import AdapterConflictError, AdapterSet, UnknownModelError
+from serving.engine.base import EngineError
 from serving.router import ABRouter, ExperimentRoute, RoutingTable
-from serving.settings import ALIAS_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +77,14 @@ class RegistryWatcher:
 
     def _read(self) -> tuple[int, list[ModelVersionRecord], Experiment | None]:
         with Session(self._database) as session:
-            revision = current_revision(session=session)
+            revision = registry_revision(session=session)
             versions = servable_versions(session=session)
             experiment = session.exec(select(Experiment).where(Experiment.status == "running")).first()
             return revision, versions, experiment
 
     def _read_revision(self) -> int:
         with Session(self._database) as session:
-            return current_revision(session=session)
+            return registry_revision(session=session)
 
     async def sync(self, *, force: bool = False) -> bool:
         """Apply the registry if it changed; True when something was (re)applied."""
@@ -109,7 +109,7 @@ class RegistryWatcher:
             return True
 
     async def register(
-        self, name: str, path: Path, *, base_model: Path, info: VersionInfo | None = None
+        self, name: str, path: Path, *, base_model: Path, info: Lineage | None = None
     ) -> ModelVersionRecord:
         """`register_adapter` from this process, with no sync in between: the version is loaded
         here before it is recorded, and a sync reading the registry meanwhile would unload it."""
@@ -230,43 +230,6 @@ class RegistryWatcher:
 REPORT_EVERY_S = 30.0
 
 
-class ExperimentEvaluator:
-    def __init__(
-        self,
-        service: ExperimentService,
-        watcher: RegistryWatcher,
-        metrics: ExperimentMetrics,
-        *,
-        interval: float = 30.0,
-    ) -> None:
-        self._service = service
-        self._watcher = watcher
-        self._metrics = metrics
-        self._interval = interval
-
-    async def evaluate_once(self) -> None:
-        running = await asyncio.to_thread(self._service.running)
-        if running is None:
-            return
-        decision = await asyncio.to_thread(self._service.evaluate, running.name)
-        self._metrics.observe_evaluation(running.name, decision.numbers)
-        if decision.action != "hold" and running.spec.get("auto", True):
-            logger.info("experiment %s: %s %s (%s)", running.name, decision.action,
-                        decision.candidate or "", decision.reason)  # fmt: skip
-            # Route by the decision now rather than at the next poll.
-            await self._watcher.sync()
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.evaluate_once()
-            except (SQLAlchemyError, OSError) as exc:
-                logger.warning("experiment evaluation failed: %s", exc.__class__.__name__)
-            except Exception:
-                logger.exception("experiment evaluation failed")
-
-
 async def register_adapter(
     database: Engine,
     adapters: AdapterSet,
@@ -274,16 +237,15 @@ async def register_adapter(
     path: Path,
     *,
     base_model: Path,
-    info: VersionInfo | None = None,
+    info: Lineage | None = None,
 ) -> ModelVersionRecord:
     """Validate a new version by loading it here, then record it; other processes follow.
 
     Nothing is recorded when the adapter fails to load, was trained on another base, or the
     name is taken (then it is unloaded again).
     """
-    info = info or VersionInfo()
-    if name in (ALIAS_MODEL, adapters.base.name):
-        raise AdapterConflictError(f"{name!r} is reserved")
+    info = info or Lineage()
+    check_version_name(name, base_name=adapters.base.name)
     # The engine's load checks the weights; the config is read here for the base model's name.
     config = await asyncio.to_thread(read_adapter_config, path, require_weights=False)
     check_adapter_base(config, base_model=base_model, base_name=adapters.base.name)
@@ -296,9 +258,10 @@ async def register_adapter(
                 name=name,
                 adapter_path=path.expanduser().resolve(),
                 base_model=adapters.base.name,
-                info=VersionInfo(info.parent or adapters.base.name, info.dataset_version, info.training_run,
-                                 info.metrics),
-            )  # fmt: skip
+                info=Lineage(
+                    info.parent or adapters.base.name, info.dataset_version, info.training_run, info.metrics
+                ),
+            )
             session.commit()
             session.refresh(row)
             return row

@@ -1,7 +1,7 @@
 """The model registry: every model version (a LoRA adapter on the base) and its status, in the database.
 
 The database is the source of truth for every serving process: a change here bumps
-`registry_state.revision`, and each process's `RegistryWatcher` (serving/watcher.py) loads,
+`registry_state.revision`, and each process's `RegistryWatcher` (serving/registry_sync.py) loads,
 unloads and re-routes when it sees a new revision. The base model has no row; it is the version
 the alias serves while no version is active.
 
@@ -30,19 +30,22 @@ from feedback.models import (
     ServingReplica,
     utcnow,
 )
-from serving.engine.base import AdapterLoadError
+from loopchat.errors import AdapterLoadError, ConflictError, InvalidInputError, ModelNotFoundError
 
 
-class RegistryError(ValueError):
+class RegistryError(InvalidInputError):
     """A request the registry refuses (the caller's fault)."""
 
 
-class VersionNotFoundError(LookupError):
-    pass
+class VersionNotFoundError(ModelNotFoundError):
+    """No registered version of that name."""
 
 
-class VersionConflictError(RegistryError):
-    pass
+class VersionConflictError(ConflictError, RegistryError):
+    """The change contradicts the version's state (retiring the active version, a taken name)."""
+
+    def __init__(self, message: str, *, param: str | None = "name") -> None:
+        super().__init__(message, param=param)
 
 
 def bump_revision(session: Session) -> None:
@@ -52,7 +55,7 @@ def bump_revision(session: Session) -> None:
     )
 
 
-def current_revision(*, session: Session) -> int:
+def registry_revision(*, session: Session) -> int:
     state = session.get(RegistryState, 1)
     return 0 if state is None else state.revision
 
@@ -95,7 +98,7 @@ def check_adapter_base(config: dict[str, Any], *, base_model: Path, base_name: s
 
 
 @dataclass(frozen=True, slots=True)
-class VersionInfo:
+class Lineage:
     """Where a version comes from, as training records it."""
 
     parent: str | None = None
@@ -114,7 +117,7 @@ def list_versions(*, session: Session, status: str | None = None) -> list[ModelV
 def get_version(*, session: Session, name: str) -> ModelVersionRecord:
     record = session.get(ModelVersionRecord, name)
     if record is None:
-        raise VersionNotFoundError(name)
+        raise VersionNotFoundError(name, param="name")
     return record
 
 
@@ -124,7 +127,7 @@ def register_version(
     name: str,
     adapter_path: Path,
     base_model: str,
-    info: VersionInfo = VersionInfo(),
+    info: Lineage = Lineage(),
     status: str = "candidate",
     reason: str | None = None,
 ) -> ModelVersionRecord:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from feedback.db import make_engine, migrate
-from feedback.outcomes import experiment_outcomes
+from rollout.outcomes import experiment_outcomes
 from tests.serving.test_experiments_api import insert_outcomes
 
 

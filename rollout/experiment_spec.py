@@ -3,71 +3,44 @@
 Assignment is a pure function of the experiment's salt and the user key, so every replica
 routes a user alike and a restart changes nothing; the request path (serving/router.py) needs
 only this module. The service that starts, changes and decides experiments is
-serving/experiments.py.
+rollout/experiments.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from monitoring.abstats import DecisionPolicy, Metric
-from serving.registry import RegistryError
+from loopchat.errors import ConflictError, NotFoundError
+from loopchat.names import VersionName
+from rollout.abstats import DecisionPolicy
+from rollout.registry import RegistryError
 
 CONTROL = "control"
-Name = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-]
+Name = VersionName
 
 
 class ExperimentError(RegistryError):
     """An experiment request the service refuses (the caller's fault)."""
 
 
-class ExperimentNotFoundError(LookupError):
-    pass
+class ExperimentNotFoundError(NotFoundError):
+    code = "experiment_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"No experiment `{name}`.", param="name")
+        self.name = name
 
 
-class StaleExperimentError(ExperimentError):
+class StaleExperimentError(ConflictError, ExperimentError):
     """Another process changed the experiment after it was read."""
 
     def __init__(self) -> None:
         super().__init__("the experiment changed meanwhile; retry")
-
-
-class PolicySpec(BaseModel):
-    """When to promote and when to roll back (see monitoring/abstats.py)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    alpha: float = Field(
-        0.05, gt=0, lt=0.5, description="Error rate of a promotion or roll-back on the metric."
-    )
-    tau: float = Field(0.08, gt=0, le=1, description="Effect size (rate difference) the test is tuned for.")
-    min_ratings_per_variant: int = Field(
-        100,
-        ge=1,
-        description="Judged ratings per arm (or choices between candidate and control) before a decision.",
-    )
-    metric: Metric = Field(
-        "ratings",
-        description="Decide on judged ratings, on side-by-side choices between candidate and control "
-        "(the candidate's share against 1/2), or on both (each at alpha/2).",
-    )
-    guardrail_min_requests: int = Field(
-        20, ge=1, description="Requests before error/latency guardrails apply."
-    )
-    max_error_rate: float = Field(0.05, ge=0, le=1)
-    max_latency_p95_ratio: float = Field(1.5, gt=1, description="Candidate p95 over control p95.")
-    max_negative_rate_increase: float = Field(0.15, gt=0, le=1)
-    guardrail_min_ratings: int = Field(30, ge=1, description="Judged ratings per arm before that guardrail.")
-
-    def policy(self) -> DecisionPolicy:
-        return DecisionPolicy(**self.model_dump())
 
 
 class VariantSpec(BaseModel):
@@ -94,7 +67,7 @@ class ExperimentSpec(BaseModel):
     min_samples_per_stage: int = Field(200, ge=1, description="Requests per candidate before the next stage.")
     salt: str | None = Field(None, max_length=128, description="Assignment salt; default: the name.")
     auto: bool = Field(True, description="Apply promote / roll back / ramp decisions automatically.")
-    policy: PolicySpec = Field(default_factory=PolicySpec)
+    policy: DecisionPolicy = Field(default_factory=DecisionPolicy)
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentSpec:

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from loopchat.settings import Settings
 from serving.engine.base import EngineError, LoRACapacity
-from serving.settings import Settings
 
 
 def test_env_prefix_and_nested_engine_options(monkeypatch, tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_production_binds_any_host_as_before(require_keys: bool | None) -> None:
 
 
 def test_serve_on_a_network_host_in_development_stops_before_starting(monkeypatch, tmp_path: Path) -> None:
-    from serving.cli import app
+    from loopchat.cli import app
 
     for variable in ("ENVIRONMENT", "HOST", "ACCESS__REQUIRE_KEYS", "CONFIG_FILE"):
         monkeypatch.delenv(f"LOOPCHAT_{variable}", raising=False)

@@ -21,14 +21,24 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from loopchat.names import ALIAS_MODEL
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 # The alias clients use to get whichever model version is active (A/B routing plugs in here).
-ALIAS_MODEL = "loopchat"
 
 _PLACEHOLDER_SECRETS = {
-    "", "changeme", "change-me", "secret", "admin", "password", "token", "test",
-    "replace_me", "replace-me", "replaceme",
-}  # fmt: skip
+    "",
+    "changeme",
+    "change-me",
+    "secret",
+    "admin",
+    "password",
+    "token",
+    "test",
+    "replace_me",
+    "replace-me",
+    "replaceme",
+}
 
 
 def is_loopback(host: str) -> bool:
