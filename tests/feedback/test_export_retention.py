@@ -21,7 +21,9 @@ from feedback.retention import delete_user, parse_duration, purge_older_than
 from loopchat.settings import FeedbackSettings, Settings
 from serving.app import create_app
 from tests.conftest import REPO, wait_ready
-from tests.feedback.test_writer import completion, count, rating
+from tests.feedback.test_writer import completion_row as completion
+from tests.feedback.test_writer import count
+from tests.feedback.test_writer import rating_row as rating
 from tests.utils.db import wait_for_rows
 from tests.utils.fake_engine import FakeEngine
 

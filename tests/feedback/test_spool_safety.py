@@ -30,19 +30,12 @@ from serving.app import create_app
 from tests.conftest import wait_ready
 from tests.feedback.test_writer import UNREACHABLE, count, wait_until, writer_for
 from tests.feedback.test_writer import completion as completion_record
+from tests.feedback.test_writer import completion_row as completion
 from tests.feedback.test_writer import rating as rating_record
+from tests.feedback.test_writer import rating_row as rating
 from tests.utils.fake_engine import FakeEngine
 
 EMAIL = "jane.doe@example.com"
-
-
-# The spool and the writer's batches hold rows (dicts with their `kind`); `submit` takes records.
-def completion(index: int, **overrides) -> dict:
-    return completion_record(index, **overrides).row()
-
-
-def rating(completion_id: str, thumb: str = "up") -> dict:
-    return rating_record(completion_id, thumb).row()
 
 
 def as_record(row: dict) -> LogRecord:

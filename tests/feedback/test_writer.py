@@ -47,6 +47,15 @@ def rating(completion_id: str, thumb: str = "up") -> RatingRecord:
     )
 
 
+# The spool and the writer's batches hold rows (dicts with their `kind`); `submit` takes records.
+def completion_row(index: int, **overrides) -> dict:
+    return completion(index, **overrides).row()
+
+
+def rating_row(completion_id: str, thumb: str = "up") -> dict:
+    return rating(completion_id, thumb).row()
+
+
 def count(url: str, table: str) -> int:
     engine = make_engine(url)
     try:
