@@ -339,7 +339,7 @@ class CpuSampler:
         api = engine = 0.0
         if self.server.process is not None:
             with contextlib.suppress(psutil.Error):
-                root = psutil.Process(self.server.processess.pid)
+                root = psutil.Process(self.server.process.pid)
                 api = _proc_seconds(root)
                 for child in root.children(recursive=True):
                     with contextlib.suppress(psutil.Error):

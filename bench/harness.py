@@ -137,10 +137,9 @@ class Server(ServerProcess):
         self._cpu_seen: dict[int, float] = {}
         self.start_s: float | None = None
 
-    def wait_ready(self, timeout: float = START_TIMEOUT_S, interval: float = 1.0) -> float:  # type: ignore[override]
-        self.start_s = super().wait_ready(
-            self.base_url + self.spec.ready_path, timeout=timeout, interval=interval
-        )
+    def wait_until_ready(self, timeout: float = START_TIMEOUT_S) -> float:
+        """Wait for the spec's readiness route; the start-up time in seconds."""
+        self.start_s = self.wait_ready(self.base_url + self.spec.ready_path, timeout=timeout)
         return self.start_s
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:

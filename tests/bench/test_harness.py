@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
-from bench.harness import Record, percentile, summarize
+from bench.harness import Record, Server, ServerSpec, free_port, percentile, summarize
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -29,3 +33,24 @@ def test_a_request_straddling_the_window_counts_only_the_tokens_inside_it() -> N
     assert summary["ttft_p50_ms"] == pytest.approx(500.0)
     assert summary["errors"] == 1 and summary["error_samples"] == ["HTTP 503: busy"]
     assert summary["tok_s_by_second"][:6] == [2.0, 2.0, 2.0, 1.0, 2.0, 1.0]
+
+
+def test_a_benchmarked_server_starts_counts_its_cpu_and_stops(tmp_path: Path) -> None:
+    port = free_port()
+    busy_then_serve = (
+        "import http.server, sys, time\n"
+        "end = time.process_time() + 0.2\n"
+        "while time.process_time() < end: pass\n"
+        "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), "
+        "http.server.SimpleHTTPRequestHandler).serve_forever()\n"
+    )
+    spec = ServerSpec("toy", [sys.executable, "-c", busy_then_serve, str(port)], dict(os.environ), "/")
+    server = Server(spec, port, tmp_path / "toy.log")
+    server.start()
+    try:
+        assert 0 <= server.wait_until_ready(timeout=30) == server.start_s
+        assert server.alive and server.base_url == f"http://127.0.0.1:{port}"
+        assert server.cpu_seconds() >= 0.2
+    finally:
+        server.stop(timeout=5)
+    assert not server.alive
